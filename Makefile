@@ -1,0 +1,38 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.visgen-installed
+# torch/torchvision are installed first, pinned to builds a pip cache or mirror usually holds;
+# pyproject.toml only asks for ranges. Override e.g. `make test TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PIPELINE ?= pipelines/shapes-32.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python jobs/pipeline.py --pipeline $(PIPELINE)
+
+bench: setup
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train_overhead.py
+
+clean:
+	rm -rf work .pytest_cache

@@ -1,0 +1,7 @@
+"""visgen: train and serve a text <-> image "LLM visual generation" model on Ray.
+
+Importing the package is cheap and has no side effects; heavy modules (ray, torch, mlflow)
+are imported by the submodules that need them.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,295 @@
+"""Typed pipeline specs.
+
+A spec is one YAML file under ``pipelines/``. It is loaded into :class:`PipelineSpec`, whose
+sections are owned by the modules they configure (``SynthConfig`` lives next to the shapes
+generator, ``IngestConfig`` next to the ingest stage, ...). Components receive only their
+own section. Every section forbids unknown keys, so a typo is an error, not a silent default.
+
+A bad spec raises :class:`SpecError` naming the field path, the offending value and what is
+allowed, e.g. ``data.ingest.resolution: 7 is not allowed: Input should be greater than or
+equal to 8``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, instances are immutable.
+
+    Derive variants with ``cfg.model_copy(update={...})`` (validated by :func:`replace`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SpecError(ValueError):
+    """A pipeline spec (or an override of one) is invalid. The message names field, value and rule."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the spec reference in README.md")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required field is missing")
+        else:
+            lines.append(f"{path}: {value!r} is not allowed: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_section(cls: type[BaseModel], data: Any, where: str = "") -> Any:
+    """Build ``cls`` from ``data``, turning pydantic's errors into a :class:`SpecError`."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"invalid spec{' (' + where + ')' if where else ''}:\n" + format_validation_error(err)) from None
+
+
+def replace(section: Section, **changes: Any) -> Any:
+    """Validated ``dataclasses.replace`` for a section (``model_copy`` alone skips validation)."""
+    data = section.model_dump()
+    data.update(changes)
+    return validate_section(type(section), data)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist (looked in {p.resolve().parent}); "
+                        f"available specs: {', '.join(sorted(x.name for x in Path('pipelines').glob('*.yaml'))) or 'none found in ./pipelines'}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec file {str(p)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline spec: composition of the sections owned by each component.
+# ---------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+from functools import cached_property  # noqa: E402
+
+from pydantic import Field, model_validator  # noqa: E402
+
+
+def _sections():
+    # Imported lazily: the section classes live next to the code they configure, and some of
+    # those modules import this one.
+    from visgen.data.ingest import IngestConfig
+    from visgen.data.synth import SynthConfig
+    from visgen.models.vq import PRESETS as VQ_PRESETS
+    from visgen.models.vq import VQConfig
+    from visgen.text.tokenizer import TextTokenizerConfig
+    from visgen.tracking import TrackingConfig
+    from visgen.train.config import ScalingConfig, TrainConfig
+
+    return locals()
+
+
+class Workdir:
+    """Where every durable artifact of one pipeline lives (one directory, nothing else to set up)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    shards = property(lambda self: self.root / "shards")
+    text_tokenizer = property(lambda self: self.root / "text_tokenizer.json")
+    quarantine = property(lambda self: self.root / "quarantine")
+    ray_results = property(lambda self: self.root / "ray_results")
+    models = property(lambda self: self.root / "models")
+    eval = property(lambda self: self.root / "eval")
+
+    def __repr__(self) -> str:
+        return f"Workdir({str(self.root)!r})"
+
+
+_PLACEHOLDER = re.compile(r"\$\{(workdir|name)\}")
+
+
+def _substitute(obj: Any, values: dict[str, str]) -> Any:
+    """Replace ``${workdir}`` / ``${name}`` in every string (``{a..b}`` brace ranges are left alone)."""
+    if isinstance(obj, str):
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], obj)
+    if isinstance(obj, dict):
+        return {k: _substitute(v, values) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, values) for v in obj]
+    return obj
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "data.ingest.resolution", 64)``; creates intermediate mappings."""
+    keys = dotted.split(".")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise SpecError(f"{'.'.join(keys[:i + 1])}: is a {type(nxt).__name__}, cannot set {dotted!r} inside it")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def get_dotted(obj: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        obj = obj[k] if isinstance(obj, dict) else getattr(obj, k)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"data.ingest.resolution=64"`` → ``("data.ingest.resolution", 64)`` (the value is YAML)."""
+    if "=" not in text:
+        raise SpecError(f"override {text!r} must look like dotted.key=value, e.g. data.ingest.resolution=64")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+class PipelineSpec(BaseModel):
+    """One pipeline: data → text tokenizer → image tokenizer → (later) LM → serving.
+
+    Sections are validated by the classes of the components that own them; this class only
+    composes them and checks what spans sections (e.g. image resolution).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="Pipeline name: names the MLflow experiment default, runs and checkpoints.")
+    workdir: str = Field(description="Directory holding every artifact of this pipeline (`${name}` allowed).")
+    data: Any
+    text_tokenizer: Any = None
+    image_tokenizer: Any = None
+    tracking: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _build_sections(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        s = _sections()
+        raw = dict(raw)
+        name = raw.get("name", "pipeline")
+        workdir = os.environ.get("VISGEN_WORKDIR") or raw.get("workdir") or "work/${name}"
+        raw["workdir"] = str(Path(_substitute(str(workdir), {"name": str(name), "workdir": ""})).expanduser())
+        raw = _substitute(raw, {"name": str(name), "workdir": raw["workdir"]})
+        out = {k: raw[k] for k in ("name", "workdir") if k in raw}
+        unknown = sorted(set(raw) - {"name", "workdir", "data", "text_tokenizer", "image_tokenizer", "tracking"})
+        if unknown:
+            raise SpecError("invalid spec:\n" + "\n".join(
+                f"{k}: unknown key (value {raw[k]!r}); allowed top-level keys: name, workdir, data, "
+                "text_tokenizer, image_tokenizer, tracking" for k in unknown))
+
+        data = raw.get("data")
+        if not isinstance(data, dict) or "ingest" not in data:
+            raise SpecError("invalid spec:\ndata.ingest: required section is missing (the shard source and preprocessing)")
+        data_unknown = sorted(set(data) - {"synth", "ingest"})
+        if data_unknown:
+            raise SpecError("invalid spec:\n" + "\n".join(f"data.{k}: unknown key; allowed: synth, ingest" for k in data_unknown))
+        ingest = _validate_at(s["IngestConfig"], data["ingest"], "data.ingest")
+        out["data"] = DataSpec(
+            synth=_validate_at(s["SynthConfig"], data["synth"], "data.synth") if data.get("synth") is not None else None,
+            ingest=ingest)
+        out["text_tokenizer"] = _validate_at(s["TextTokenizerConfig"], raw.get("text_tokenizer") or {}, "text_tokenizer")
+        tracking = dict(raw.get("tracking") or {})
+        tracking.setdefault("experiment", f"visgen-{name}")
+        out["tracking"] = _validate_at(s["TrackingConfig"], tracking, "tracking")
+        out["image_tokenizer"] = _image_tokenizer_section(raw.get("image_tokenizer") or {}, ingest, s)
+        return out
+
+    @cached_property
+    def paths(self) -> Workdir:
+        return Workdir(self.workdir)
+
+    def dump(self) -> dict:
+        """Plain-data form (what MLflow logs as params, flattened)."""
+        return {
+            "name": self.name,
+            "workdir": self.workdir,
+            "data": {k: (v.model_dump(mode="json") if v is not None else None) for k, v in vars(self.data).items()},
+            "text_tokenizer": self.text_tokenizer.model_dump(mode="json"),
+            "image_tokenizer": {k: v.model_dump(mode="json") for k, v in vars(self.image_tokenizer).items()},
+            "tracking": self.tracking.model_dump(mode="json"),
+        }
+
+
+class DataSpec:
+    """``data:`` — the shapes generator (optional) and the ingest stage."""
+
+    def __init__(self, synth, ingest):
+        self.synth, self.ingest = synth, ingest
+
+    def __repr__(self) -> str:
+        return f"DataSpec(synth={self.synth!r}, ingest={self.ingest!r})"
+
+
+class ImageTokenizerSpec:
+    """``image_tokenizer:`` — model (a VQ preset + overrides), training and scaling sections."""
+
+    def __init__(self, model, train, scaling):
+        self.model, self.train, self.scaling = model, train, scaling
+
+    def __repr__(self) -> str:
+        return f"ImageTokenizerSpec(model={self.model!r}, train={self.train!r}, scaling={self.scaling!r})"
+
+
+def _validate_at(cls: type[BaseModel], data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid spec:\n{path}: {data!r} is not allowed: expected a mapping of {cls.__name__} fields")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise SpecError("invalid spec:\n" + format_validation_error(err, prefix=path)) from None
+
+
+def _image_tokenizer_section(raw: dict, ingest, s: dict) -> ImageTokenizerSpec:
+    unknown = sorted(set(raw) - {"model", "train", "scaling"})
+    if unknown:
+        raise SpecError("invalid spec:\n" + "\n".join(f"image_tokenizer.{k}: unknown key; allowed: model, train, scaling" for k in unknown))
+    model = dict(raw.get("model") or {})
+    preset = model.pop("preset", "small")
+    presets = s["VQ_PRESETS"]
+    if preset not in presets:
+        raise SpecError(f"invalid spec:\nimage_tokenizer.model.preset: {preset!r} is not allowed: choose one of {sorted(presets)}")
+    base = presets[preset].model_dump()
+    if "resolution" in model and model["resolution"] != ingest.resolution:
+        raise SpecError(f"invalid spec:\nimage_tokenizer.model.resolution: {model['resolution']!r} is not allowed: "
+                        f"it must equal data.ingest.resolution ({ingest.resolution})")
+    base.update(model)
+    base["resolution"] = ingest.resolution
+    return ImageTokenizerSpec(
+        model=_validate_at(s["VQConfig"], base, "image_tokenizer.model"),
+        train=_validate_at(s["TrainConfig"], raw.get("train") or {}, "image_tokenizer.train"),
+        scaling=_validate_at(s["ScalingConfig"], raw.get("scaling") or {}, "image_tokenizer.scaling"),
+    )
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
+    """Load ``pipelines/X.yaml`` and apply dotted overrides (``{"data.ingest.resolution": 64}``)."""
+    data = read_yaml(path)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"invalid spec {str(path)!r}:\n" + format_validation_error(err)) from None
+    except SpecError as err:
+        raise SpecError(str(err).replace("invalid spec:", f"invalid spec {str(path)!r}:", 1)) from None
