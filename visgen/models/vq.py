@@ -1,0 +1,570 @@
+"""VQ image tokenizer: conv encoder -> low-dimensional cosine codebook -> conv decoder (+ optional PatchGAN).
+
+The recipe follows the LlamaGen / ViT-VQGAN tokenizers:
+
+    x (B, 3, H, W) in [-1, 1]
+      -> Encoder (ResNet blocks, stride-2 downsampling, GroupNorm + SiLU)   # (B, z_channels, h, w)
+      -> quant_conv (1x1)                                                   # (B, codebook_dim, h, w)
+      -> VectorQuantizer: l2-normalise, nearest code by cosine, straight-through
+      -> post_quant_conv (1x1) -> Decoder (mirror of the encoder)           # (B, 3, H, W)
+
+with h = H / 2**(len(ch_mult) - 1). A small code dimension (e.g. 8) and l2-normalised codes
+keep most of a large codebook in use; codes unused over a sliding window of training steps are
+restarted from encoder outputs of the current batch. Loss (:class:`VQLoss`): L1 and/or L2
+reconstruction, codebook + beta * commitment, optional entropy term, and a hinge PatchGAN with
+the adaptive weight ||grad rec|| / ||grad gan|| measured on the decoder's last layer.
+
+Pure PyTorch. The only distributed code keeps the quantizer's usage counters and dead-code
+restarts identical across DDP ranks, and is skipped unless a process group is initialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from visgen.config import Section, SpecError, validate_section
+
+
+class VQConfig(Section):
+    """Architecture, quantizer and loss settings of the VQ image tokenizer."""
+
+    # --- geometry and architecture -------------------------------------------------------
+    resolution: int = Field(256, ge=8, le=4096, description="Side of the square training images in pixels.")
+    in_channels: int = Field(3, ge=1, le=4, description="Image channels (3 for RGB).")
+    base_channels: int = Field(128, ge=4, le=1024, description="Channels of the first encoder level; level i has base_channels * ch_mult[i].")
+    ch_mult: tuple[int, ...] = Field((1, 1, 2, 2, 4), min_length=1, max_length=8,
+                                     description="Channel multiplier per level; downsample factor = 2**(len(ch_mult) - 1).")
+    num_res_blocks: int = Field(2, ge=1, le=8, description="ResNet blocks per encoder level (the decoder uses one more).")
+    mid_attention: bool = Field(True, description="Add a self-attention block at the lowest resolution of encoder and decoder.")
+    z_channels: int = Field(256, ge=4, le=4096, description="Channels of the encoder output before the 1x1 projection to codebook_dim.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside the ResNet blocks.")
+    # --- quantizer -----------------------------------------------------------------------
+    codebook_size: int = Field(16384, ge=2, le=1 << 20, description="Number of codes (image vocabulary size).")
+    codebook_dim: int = Field(8, ge=1, le=1024, description="Dimension of each code; low (e.g. 8) keeps usage high.")
+    l2_norm_codes: bool = Field(True, description="l2-normalise encoder outputs and codes and look up by cosine similarity.")
+    beta: float = Field(0.25, ge=0.0, le=10.0, description="Weight of the commitment loss (pulls the encoder to its code).")
+    codebook_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the codebook loss (pulls codes to the encoder outputs).")
+    entropy_weight: float = Field(0.0, ge=0.0, le=10.0, description="Weight of the entropy loss (confident per-vector, spread per-batch); 0 disables.")
+    entropy_temperature: float = Field(0.01, gt=0.0, le=10.0, description="Softmax temperature over code similarities in the entropy loss.")
+    usage_window: int = Field(1000, ge=1, le=10_000_000, description="Training forward passes over which code hits are counted (usage, perplexity, restarts).")
+    restart_dead_codes: bool = Field(True, description="Re-initialise codes hit fewer than dead_code_threshold times in the window from batch encoder outputs.")
+    dead_code_threshold: float = Field(1.0, gt=0.0, le=1e9, description="Minimum hits over the usage window for a code to count as alive.")
+    # --- reconstruction loss -------------------------------------------------------------
+    l1_weight: float = Field(0.0, ge=0.0, le=100.0, description="Weight of the L1 pixel reconstruction loss.")
+    l2_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the L2 (MSE) pixel reconstruction loss.")
+    # --- adversarial loss ----------------------------------------------------------------
+    use_gan: bool = Field(False, description="Train a PatchGAN discriminator (hinge loss) against the decoder.")
+    disc_start: int = Field(20000, ge=0, description="Training step at which the GAN losses switch on (reconstruction settles first).")
+    disc_weight: float = Field(0.5, ge=0.0, le=100.0, description="Multiplier of the adaptively weighted generator GAN loss.")
+    disc_channels: int = Field(64, ge=4, le=1024, description="Channels of the discriminator's first layer (doubling per layer, capped at 8x).")
+    disc_layers: int = Field(3, ge=1, le=6, description="Stride-2 layers of the PatchGAN discriminator.")
+    disc_adaptive_max: float = Field(1e4, gt=0.0, description="Upper clamp of the adaptive GAN weight ||grad rec|| / (||grad gan|| + 1e-4).")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VQConfig":
+        if any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"ch_mult={self.ch_mult} must hold positive integers")
+        if self.resolution % self.downsample:
+            raise ValueError(
+                f"resolution={self.resolution} is not divisible by the downsample factor {self.downsample} "
+                f"(= 2**(len(ch_mult)-1) with ch_mult={self.ch_mult}); pick a multiple of {self.downsample} or fewer levels")
+        if self.l1_weight == 0 and self.l2_weight == 0:
+            raise ValueError("l1_weight and l2_weight are both 0: there would be no reconstruction loss")
+        if self.use_gan and self.resolution // 2 ** self.disc_layers < 3:
+            raise ValueError(f"disc_layers={self.disc_layers} is too deep for resolution={self.resolution}: "
+                             f"the PatchGAN needs resolution / 2**disc_layers >= 3; use at most "
+                             f"{max(1, int(math.log2(self.resolution / 3)))} layers")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: 16 px, 8x8 tokens, trains a few steps in well under a second on a CPU.
+    "tiny": dict(resolution=16, base_channels=16, ch_mult=(1, 2), num_res_blocks=1, mid_attention=False,
+                 z_channels=32, codebook_size=64, codebook_dim=8, usage_window=10,
+                 l1_weight=1.0, l2_weight=1.0, use_gan=False, disc_start=0,
+                 disc_channels=8, disc_layers=2),
+    # CPU demo on 32-px shapes: 8x8 tokens, a few minutes on two cores.
+    "small": dict(resolution=32, base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False,
+                  z_channels=64, codebook_size=1024, codebook_dim=8, usage_window=100,
+                  l1_weight=1.0, l2_weight=1.0, use_gan=False, disc_start=2000,
+                  disc_channels=32, disc_layers=2),
+    # GPU: LlamaGen-like 16x downsampling (16x16 tokens at 256 px). For 64 px, override with
+    # fewer levels, e.g. vq_config("base", resolution=64, ch_mult=(1, 2, 2, 4)) -> 8x8 tokens.
+    "base": dict(resolution=256, base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
+                 z_channels=256, codebook_size=16384, codebook_dim=8, usage_window=1000,
+                 l1_weight=0.0, l2_weight=1.0, use_gan=True, disc_start=20000,
+                 disc_channels=64, disc_layers=3),
+}
+
+
+def vq_config(preset: str, **overrides: Any) -> VQConfig:
+    """The named preset with ``overrides`` applied, validated (a bad value raises :class:`SpecError`)."""
+    if preset not in PRESETS:
+        raise SpecError(f"unknown VQ preset {preset!r}; available presets: {', '.join(PRESETS)}")
+    return validate_section(VQConfig, {**PRESETS[preset], **overrides}, where=f"vq preset {preset!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in taming/LlamaGen, fewer when the (tiny-preset) channel count does not divide.
+    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, cin, H, W) -> (B, cout, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of a feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+def _mid_block(ch: int, attention: bool, dropout: float) -> nn.Sequential:
+    layers = [ResBlock(ch, ch, dropout)] + ([AttnBlock(ch)] if attention else []) + [ResBlock(ch, ch, dropout)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        levels, cin = [], chs[0]
+        for i, cout in enumerate(chs):
+            blocks: list[nn.Module] = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cin, cout, cfg.dropout))
+                cin = cout
+            if i < len(chs) - 1:  # stride-2 conv halves the resolution between levels
+                blocks.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1))
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.mid = _mid_block(cin, cfg.mid_attention, cfg.dropout)
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, z_channels, h, w)
+        h = self.mid(self.levels(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in reversed(cfg.ch_mult)]
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, padding=1)
+        self.mid = _mid_block(chs[0], cfg.mid_attention, cfg.dropout)
+        levels, cin = [], chs[0]
+        for i, cout in enumerate(chs):
+            blocks: list[nn.Module] = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResBlock(cin, cout, cfg.dropout))
+                cin = cout
+            if i < len(chs) - 1:  # nearest-neighbour x2 then a conv (no checkerboard artefacts)
+                blocks += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(cout, cout, 3, padding=1)]
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z_channels, h, w) -> (B, 3, H, W)
+        h = self.levels(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------
+# Quantizer
+# ----------------------------------------------------------------------------------------
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup with a straight-through gradient, windowed usage stats and dead-code restarts.
+
+    Usage is counted over the last ``usage_window`` training forward passes: hits go into a ring
+    of ``n_buckets`` buckets of ``bucket_steps`` passes each, the oldest bucket is cleared when
+    the ring turns, so the window in effect slides between (n_buckets - 1) and n_buckets buckets.
+    Stats and restarts only change in training forward passes with gradients enabled; under DDP
+    the hit counts are all-reduced and restart vectors broadcast from rank 0, so every rank holds
+    the same counters and the same codebook.
+    """
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        self.n_buckets = min(10, cfg.usage_window)
+        self.bucket_steps = math.ceil(cfg.usage_window / self.n_buckets)
+        # Persistent (resumable) but excluded from VQModel.fingerprint(): they do not change tokens.
+        self.register_buffer("stat_counts", torch.zeros(self.n_buckets, cfg.codebook_size))  # hits per bucket
+        self.register_buffer("stat_steps", torch.zeros((), dtype=torch.long))  # training forwards seen
+        self.register_buffer("stat_restarted_at", torch.zeros(cfg.codebook_size, dtype=torch.long))
+        self.register_buffer("stat_restarts", torch.zeros((), dtype=torch.long))  # codes restarted so far
+
+    def codes(self) -> torch.Tensor:  # (K, D), normalised when the lookup is by cosine
+        w = self.embedding.weight.float()
+        return F.normalize(w, dim=-1) if self.cfg.l2_norm_codes else w
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:  # (B, h, w) long -> (B, D, h, w)
+        return self.codes()[ids].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, D, h, w = z.shape
+        # Distances in fp32 even under bf16 autocast: rounding would flip near-tied argmins.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
+            if self.cfg.l2_norm_codes:
+                flat = F.normalize(flat, dim=-1)
+            update = self.training and torch.is_grad_enabled()
+            if update and self.cfg.restart_dead_codes:
+                self._maybe_restart(flat.detach())  # before the codebook enters this step's graph
+            codes = self.codes()  # (K, D)
+            if self.cfg.l2_norm_codes:
+                sim = flat @ codes.t()  # (N, K) cosine similarity
+            else:  # -||z - e||^2 up to the per-row constant ||z||^2
+                sim = 2 * flat @ codes.t() - codes.pow(2).sum(-1)
+            ids = sim.argmax(-1)  # (N,)
+            zq = codes[ids]  # (N, D)
+            codebook_loss = F.mse_loss(zq, flat.detach())  # moves codes towards encoder outputs
+            commit_loss = F.mse_loss(flat, zq.detach())  # moves the encoder towards its code (x beta in VQLoss)
+            entropy_loss = _entropy_loss(sim, self.cfg.entropy_temperature) if self.cfg.entropy_weight > 0 else sim.new_zeros(())
+            zq = flat + (zq - flat).detach()  # straight-through: forward = code, backward = identity
+            if update:
+                self._count(ids)
+        zq = zq.to(z.dtype).reshape(B, h, w, D).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+        return dict(zq=zq, ids=ids.reshape(B, h, w), codebook_loss=codebook_loss,
+                    commit_loss=commit_loss, entropy_loss=entropy_loss)
+
+    # --- statistics and restarts ---------------------------------------------------------
+    @torch.no_grad()
+    def _count(self, ids: torch.Tensor) -> None:
+        hits = torch.bincount(ids, minlength=self.cfg.codebook_size).float()  # (K,)
+        if _dist():
+            torch.distributed.all_reduce(hits)  # every rank counts the global batch
+        step = int(self.stat_steps)
+        bucket = (step // self.bucket_steps) % self.n_buckets
+        if step % self.bucket_steps == 0:  # entering a bucket: forget what it held one window ago
+            self.stat_counts[bucket].zero_()
+        self.stat_counts[bucket] += hits
+        self.stat_steps += 1
+
+    def window_counts(self) -> torch.Tensor:  # (K,) hits over the usage window
+        return self.stat_counts.sum(0)
+
+    def usage(self) -> float:
+        return float((self.window_counts() > 0).float().mean())
+
+    def perplexity(self) -> float:
+        counts = self.window_counts()
+        if counts.sum() == 0:
+            return 0.0
+        p = counts / counts.sum()
+        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+    @torch.no_grad()
+    def _maybe_restart(self, flat: torch.Tensor) -> int:
+        """Restart codes dead over a full window, from rows of ``flat`` (N, D). Returns how many."""
+        step = int(self.stat_steps)
+        # Check once per bucket, and only once a whole window has been observed.
+        if step < self.cfg.usage_window or step % self.bucket_steps:
+            return 0
+        # A restarted code gets one full window to attract vectors before it can be judged again.
+        mature = (step - self.stat_restarted_at) >= self.cfg.usage_window
+        dead = ((self.window_counts() < self.cfg.dead_code_threshold) & mature).nonzero().squeeze(1)
+        n = dead.numel()  # identical on all ranks: counts are all-reduced
+        if n == 0:
+            return 0
+        N = flat.shape[0]
+        if n <= N:  # distinct vectors: two codes restarted on the same vector would split its hits
+            new = flat[torch.randperm(N, device=flat.device)[:n]]
+        else:  # more dead codes than batch vectors: reuse them, jittered apart
+            new = flat[torch.randint(0, N, (n,), device=flat.device)]
+            new = new + 0.01 * new.std() * torch.randn_like(new)
+        if _dist():
+            torch.distributed.broadcast(new, src=0)  # codebook parameters must stay identical
+        self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
+        self.stat_restarted_at[dead] = step
+        self.stat_restarts += n
+        return n
+
+
+def _entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Low entropy per vector (confident assignment) minus entropy of the batch-average assignment (spread)."""
+    logp = F.log_softmax(sim / temperature, dim=-1)  # (N, K)
+    p = logp.exp()
+    per_vector = -(p * logp).sum(-1).mean()
+    avg = p.mean(0)
+    batch = -(avg * torch.log(avg.clamp_min(1e-12))).sum()
+    return per_vector - batch
+
+
+# ----------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------
+
+class VQModel(nn.Module):
+    """Image <-> token grid. ``forward`` for training, ``encode`` / ``decode`` for inference."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        if not isinstance(cfg, VQConfig):
+            raise TypeError(f"VQModel expects a VQConfig, got {type(cfg).__name__}; build one with vq_config('tiny'|'small'|'base')")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+        self.quantizer = VectorQuantizer(cfg)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        side = self.cfg.resolution // self.cfg.downsample
+        return (side, side)
+
+    @property
+    def num_codes(self) -> int:
+        return self.cfg.codebook_size
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The decoder's output conv weight, on which VQLoss balances reconstruction and GAN gradients."""
+        return self.decoder.conv_out.weight
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        f = self.cfg.downsample
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != self.cfg.in_channels or not x.is_floating_point():
+            raise ValueError(f"expected float images of shape (B, {self.cfg.in_channels}, H, W) in [-1, 1], got "
+                             f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}; "
+                             f"convert uint8 (B, H, W, 3) arrays with to_model_input()")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsample factor {f}")
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, 3, H, W) in [-1, 1] -> recon (unclamped), ids (B, h, w), codebook/commit/entropy losses, zq."""
+        self._check_images(x)
+        q = self.quantizer(self.quant_conv(self.encoder(x)))  # zq: (B, D, h, w)
+        recon = self.decoder(self.post_quant_conv(q["zq"]))  # (B, 3, H, W)
+        return dict(recon=recon, **q)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> token ids (B, h, w) long. Never updates usage stats."""
+        self._check_images(x)
+        return self.quantizer(self.quant_conv(self.encoder(x)))["ids"]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, h, w) -> images (B, 3, H, W) clamped to [-1, 1]."""
+        if not torch.is_tensor(ids) or ids.ndim != 3 or ids.is_floating_point():
+            raise ValueError(f"expected integer ids of shape (B, h, w), got {type(ids).__name__} "
+                             f"{tuple(getattr(ids, 'shape', ()))} {getattr(ids, 'dtype', '')}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.num_codes:
+            raise ValueError(f"ids must lie in [0, {self.num_codes}); got values in [{lo}, {hi}]")
+        zq = self.quantizer.lookup(ids.long()).to(self.post_quant_conv.weight.dtype)  # (B, D, h, w)
+        return self.decoder(self.post_quant_conv(zq)).clamp(-1.0, 1.0)
+
+    def codebook_usage(self) -> float:
+        """Fraction of codes hit at least once over the training usage window."""
+        return self.quantizer.usage()
+
+    def codebook_perplexity(self) -> float:
+        """exp(entropy) of the code histogram over the training usage window (max = num_codes)."""
+        return self.quantizer.perplexity()
+
+    def fingerprint(self) -> str:
+        """sha256 of the config and every tensor that changes tokens or pixels (usage stats excluded)."""
+        h = hashlib.sha256(json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            if ".stat_" in name:
+                continue
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix-style): one real/fake logit per overlapping patch. GroupNorm, so no
+    batch statistics to synchronise under DDP and real/fake can share one forward pass."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, n_layers + 1):
+            cout = channels * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(ch, cout, 4, stride, 1, bias=False), _norm(cout), nn.LeakyReLU(0.2)]
+            ch = cout
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():  # DCGAN init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 1, h', w') logits
+        return self.net(x)
+
+
+class VQLoss(nn.Module):
+    """Generator and discriminator objectives. Owns the discriminator when ``cfg.use_gan``.
+
+    Under DDP wrap the discriminator on its own (``loss.discriminator = prepare(loss.discriminator)``)
+    and zero its gradients before the discriminator backward: the generator loss backpropagates
+    through it too.
+    """
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.discriminator = (PatchDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)
+                              if cfg.use_gan else None)
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.disc_start
+
+    def adaptive_weight(self, rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor | None) -> torch.Tensor:
+        """||d rec / d W|| / (||d gan / d W|| + 1e-4) on the decoder's last layer W, clamped; 0 without gradients."""
+        if last_layer is None or not torch.is_grad_enabled() or not rec_loss.requires_grad:
+            return rec_loss.new_zeros(())
+        g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+        g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+        w = g_rec.norm() / (g_gan.norm() + 1e-4)
+        return w.clamp(0.0, self.cfg.disc_adaptive_max).detach()
+
+    def generator_loss(self, x: torch.Tensor, out: dict[str, torch.Tensor], step: int,
+                       last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss for the tokenizer's parameters, and float logs (all terms, unweighted and weighted)."""
+        cfg, recon = self.cfg, out["recon"]
+        if recon.shape != x.shape:
+            raise ValueError(f"recon shape {tuple(recon.shape)} does not match input shape {tuple(x.shape)}")
+        l1 = (recon - x).abs().mean()
+        l2 = (recon - x).pow(2).mean()
+        rec = cfg.l1_weight * l1 + cfg.l2_weight * l2
+        vq = (cfg.codebook_weight * out["codebook_loss"] + cfg.beta * out["commit_loss"]
+              + cfg.entropy_weight * out["entropy_loss"])
+        loss = rec + vq
+        logs = {"rec_loss": rec, "l1": l1, "l2": l2, "codebook_loss": out["codebook_loss"],
+                "commit_loss": out["commit_loss"], "entropy_loss": out["entropy_loss"]}
+        if self.gan_active(step):
+            g_gan = -self.discriminator(recon.contiguous()).mean()  # hinge generator loss
+            d_weight = self.adaptive_weight(rec, g_gan, last_layer)
+            loss = loss + cfg.disc_weight * d_weight * g_gan
+            logs.update(g_gan=g_gan, d_weight=d_weight)
+        logs["g_loss"] = loss
+        return loss, {k: float(v.detach()) for k, v in logs.items()}
+
+    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Hinge loss on real images and (detached) reconstructions; (None, {}) while the GAN is off."""
+        if not self.gan_active(step):
+            return None, {}
+        # One forward over real and fake together (GroupNorm keeps samples independent), so a
+        # DDP-wrapped discriminator sees exactly one forward per backward.
+        logits = self.discriminator(torch.cat([x.detach(), recon.detach()]).contiguous())
+        real, fake = logits.chunk(2)
+        loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+        real, fake = real.detach(), fake.detach()
+        return loss, {"d_loss": float(loss.detach()), "logits_real": float(real.mean()), "logits_fake": float(fake.mean())}
+
+
+# ----------------------------------------------------------------------------------------
+# Pixel conversions and persistence
+# ----------------------------------------------------------------------------------------
+
+def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if not torch.is_tensor(t) or t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got {type(images).__name__} "
+                         f"{tuple(getattr(images, 'shape', ()))} {getattr(images, 'dtype', '')}")
+    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] (clamped) -> uint8 numpy (B, H, W, 3)."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected a (B, 3, H, W) tensor, got {type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
+    x = (images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+WEIGHTS_FILE = "image_tokenizer.safetensors"
+CONFIG_FILE = "image_tokenizer.json"
+_FORMAT = "visgen.vq/1"
+
+
+def save_vq(model: VQModel, directory: str | Path) -> Path:
+    """Write ``image_tokenizer.safetensors`` and ``image_tokenizer.json`` (config + fingerprint) into ``directory``."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / WEIGHTS_FILE), metadata={"format": _FORMAT})
+    meta = {"format": _FORMAT, "config": model.cfg.model_dump(mode="json"), "fingerprint": model.fingerprint()}
+    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    return d
+
+
+def load_vq(directory: str | Path, device: str | torch.device = "cpu") -> VQModel:
+    """Rebuild a model saved by :func:`save_vq` (no unpickling), in eval mode; checks the fingerprint."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d / f} does not exist: {d} is not a saved VQ tokenizer (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r} is not {_FORMAT!r}")
+    model = VQModel(validate_section(VQConfig, meta["config"], where=str(d / CONFIG_FILE)))
+    model.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
+    if model.fingerprint() != meta["fingerprint"]:
+        raise ValueError(f"{d}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…; the files are corrupt or mixed")
+    return model.to(device).eval()
