@@ -1,0 +1,180 @@
+"""Checkpoints: the safetensors + JSON tree format, exact resume of model/optimiser/scheduler/RNG."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from visgen.train.checkpoint import (
+    Progress, capture_rng, flatten_state, latest_checkpoint, list_checkpoints, load_checkpoint, load_state,
+    prune_checkpoints, read_progress, restore_rng, save_checkpoint, save_state, unflatten_state,
+)
+from visgen.train.config import TrainConfig
+from visgen.train.loop import LRSchedule, WorkerEnv, decay_groups
+
+
+def assert_same(a, b, path="root"):
+    """Deep equality that also checks Python types (tuple vs list, int vs float) and tensor dtypes."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), f"{path}: tensor values differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), f"{path}: arrays differ"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), f"{path}: nan != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+
+
+def _trained_env(steps: int = 3) -> tuple[torch.nn.Module, WorkerEnv]:
+    torch.manual_seed(0)
+    net = _net()
+    env = WorkerEnv(TrainConfig(steps=10, warmup_steps=2, lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    env.build_optimizers({"model": decay_groups(net, 0.1)})
+    for _ in range(steps):
+        env.optimizer_step("model", net(torch.randn(5, 4)).pow(2).mean())
+        env.step_schedulers()
+    return net, env
+
+
+def test_optimizer_state_flattening_round_trips_exactly():
+    _, env = _trained_env()
+    state = {"optimizer": env.optimizers["model"].state_dict(), "scheduler": env.schedulers["model"].state_dict()}
+    tensors, tree = flatten_state(state)
+    json.dumps(tree, allow_nan=False)  # strict JSON: no NaN/Infinity literals, no pickles
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+    assert any(k.startswith("optimizer/state/0/") for k in tensors), sorted(tensors)  # readable keys
+    assert_same(unflatten_state(tensors, tree), state)
+
+
+def test_flatten_handles_awkward_python_values(tmp_path):
+    shared = torch.arange(6.0)
+    obj = {
+        "int_keys": {0: "a", 7: (1, 2.5, None)},  # JSON keys are strings: must come back as ints
+        "tag_like": {"__tensor__": "not a tensor"},  # a key that looks like a format tag
+        "floats": [float("inf"), float("-inf"), float("nan"), 0.1],
+        "numpy": (np.arange(5, dtype=np.uint32), np.float32(1.5), np.int64(3)),
+        "tied": [shared, shared.view(2, 3)],  # aliases: safetensors refuses them unless cloned
+        "scalar": torch.tensor(2.0), "empty": torch.zeros(0, 3), "bool": torch.tensor([True, False]),
+    }
+    save_state(tmp_path, "x", obj)
+    assert_same(load_state(tmp_path, "x"), obj)
+
+
+def test_flatten_rejects_unsupported_values_with_path():
+    with pytest.raises(TypeError, match=r"cannot store a set at 'a/b'"):
+        flatten_state({"a": {"b": {1, 2}}})
+
+
+def test_checkpoint_restores_model_optimizer_scheduler_and_rng_exactly(tmp_path):
+    net, env = _trained_env()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    saved_optim = copy.deepcopy(env.optimizers["model"].state_dict())
+    saved_sched = copy.deepcopy(env.schedulers["model"].state_dict())
+    saved_model = copy.deepcopy(net.state_dict())
+    save_checkpoint(tmp_path / "ck", progress=Progress(step=3, epoch=1, samples_seen=96), modules={"model": net},
+                    optimizers=env.optimizers, schedulers=env.schedulers)
+
+    def continue_training(net, env):  # the same 2 steps, consuming every RNG the loop may use
+        out = []
+        for _ in range(2):
+            x = torch.randn(5, 4) + float(np.random.rand()) + random.random()
+            env.optimizer_step("model", net(x).pow(2).mean())
+            env.step_schedulers()
+            out.append(env.lr())
+        return out, [p.detach().clone() for p in net.parameters()]
+
+    expected_lrs, expected_params = continue_training(net, env)
+
+    torch.manual_seed(123)  # a different init and RNG state, all overwritten by the load
+    net2 = _net()
+    env2 = WorkerEnv(env.train, torch.device("cpu"))
+    env2.build_optimizers({"model": decay_groups(net2, 0.1)})
+    progress, rng_ok = load_checkpoint(tmp_path / "ck", modules={"model": net2}, optimizers=env2.optimizers,
+                                       schedulers=env2.schedulers)
+    assert (progress, rng_ok) == (Progress(step=3, epoch=1, samples_seen=96), True)
+    assert_same(env2.optimizers["model"].state_dict(), saved_optim)
+    assert_same(env2.schedulers["model"].state_dict(), saved_sched)
+    assert_same(net2.state_dict(), saved_model)
+    env2.reapply_schedule()  # what the loop does after a load: a no-op under an unchanged config
+    lrs, params = continue_training(net2, env2)
+    assert lrs == expected_lrs
+    for a, b in zip(params, expected_params):
+        assert torch.equal(a, b)
+
+
+def test_rng_capture_restore_is_exact():
+    state = capture_rng()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    tensors, tree = flatten_state(state)
+    restore_rng(unflatten_state(tensors, tree))
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_per_rank_rng_files_and_missing_rank(tmp_path):
+    net, env = _trained_env(1)
+    parts = dict(progress=Progress(step=1), modules={"model": net}, optimizers=env.optimizers, schedulers=env.schedulers)
+    save_checkpoint(tmp_path, **parts, rank=0, world_size=2)
+    save_checkpoint(tmp_path, **parts, rank=1, world_size=2)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "trainer.json", "modules.json", "modules.safetensors", "optim.json", "optim.safetensors",
+        "rng_rank0.json", "rng_rank0.safetensors", "rng_rank1.json", "rng_rank1.safetensors"}
+    _, ok = load_checkpoint(tmp_path, modules={"model": net}, optimizers=env.optimizers, schedulers=env.schedulers, rank=2)
+    assert ok is False  # saved by 2 workers, resumed by 3: rank 2 is reseeded by the loop
+    with pytest.raises(ValueError, match=r"holds modules \['model'\] but the task builds \['disc', 'model'\]"):
+        load_checkpoint(tmp_path, modules={"model": net, "disc": _net()}, optimizers=env.optimizers,
+                        schedulers=env.schedulers)
+
+
+def test_listing_pruning_and_bad_checkpoints(tmp_path):
+    net, env = _trained_env(1)
+    for step in (5, 10, 15):
+        save_checkpoint(tmp_path / f"checkpoint_{step:08d}", progress=Progress(step=step), modules={"model": net},
+                        optimizers=env.optimizers, schedulers=env.schedulers)
+    (tmp_path / "checkpoint_00000020").mkdir()  # incomplete (no trainer.json): ignored
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 10, 15]
+    assert latest_checkpoint(tmp_path).name == "checkpoint_00000015"
+    assert [p.name for p in prune_checkpoints(tmp_path, keep=2)] == ["checkpoint_00000005"]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 15]
+    info = json.loads((tmp_path / "checkpoint_00000015" / "trainer.json").read_text())
+    info["version"] = 99
+    (tmp_path / "checkpoint_00000015" / "trainer.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        read_progress(tmp_path / "checkpoint_00000015")
+    with pytest.raises(FileNotFoundError, match="not a visgen training checkpoint"):
+        read_progress(tmp_path / "checkpoint_00000020")
+
+
+def test_lr_schedule_warmup_cosine_and_resume_with_longer_run():
+    s = LRSchedule(warmup=4, total=20, kind="cosine", min_ratio=0.1)
+    assert s(0) == pytest.approx(0.25) and s(3) == pytest.approx(1.0) and s(4) == pytest.approx(1.0)
+    assert s(12) == pytest.approx(0.55) and s(20) == pytest.approx(0.1) and s(50) == pytest.approx(0.1)
+    assert LRSchedule(0, 20, "constant", 0.1)(15) == 1.0
+    # Resuming under a config with more steps: the new schedule applies from the saved step on.
+    net, env = _trained_env(3)
+    longer = WorkerEnv(TrainConfig(steps=40, warmup_steps=2, lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    longer.build_optimizers({"model": decay_groups(net, 0.1)})
+    longer.schedulers["model"].load_state_dict(env.schedulers["model"].state_dict())
+    longer.optimizers["model"].load_state_dict(env.optimizers["model"].state_dict())
+    longer.reapply_schedule()
+    assert longer.lr() == pytest.approx(1e-2 * LRSchedule(2, 40, "cosine", 0.1)(3))
