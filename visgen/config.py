@@ -188,8 +188,9 @@ class PipelineSpec(BaseModel):
         s = _sections()
         raw = dict(raw)
         name = raw.get("name", "pipeline")
-        workdir = os.environ.get("VISGEN_WORKDIR") or raw.get("workdir") or "work/${name}"
-        raw["workdir"] = str(Path(_substitute(str(workdir), {"name": str(name), "workdir": ""})).expanduser())
+        workdir = raw.get("workdir") or "work/${name}"
+        # Absolute, so Ray tasks and Train workers (whose CWD may differ) all see the same paths.
+        raw["workdir"] = str(Path(_substitute(str(workdir), {"name": str(name), "workdir": ""})).expanduser().resolve())
         raw = _substitute(raw, {"name": str(name), "workdir": raw["workdir"]})
         out = {k: raw[k] for k in ("name", "workdir") if k in raw}
         unknown = sorted(set(raw) - {"name", "workdir", "data", "text_tokenizer", "image_tokenizer", "tracking"})
@@ -269,7 +270,7 @@ def _image_tokenizer_section(raw: dict, ingest, s: dict) -> ImageTokenizerSpec:
     presets = s["VQ_PRESETS"]
     if preset not in presets:
         raise SpecError(f"invalid spec:\nimage_tokenizer.model.preset: {preset!r} is not allowed: choose one of {sorted(presets)}")
-    base = presets[preset].model_dump()
+    base = dict(presets[preset]) if isinstance(presets[preset], dict) else presets[preset].model_dump()
     if "resolution" in model and model["resolution"] != ingest.resolution:
         raise SpecError(f"invalid spec:\nimage_tokenizer.model.resolution: {model['resolution']!r} is not allowed: "
                         f"it must equal data.ingest.resolution ({ingest.resolution})")
@@ -285,7 +286,10 @@ def _image_tokenizer_section(raw: dict, ingest, s: dict) -> ImageTokenizerSpec:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
     """Load ``pipelines/X.yaml`` and apply dotted overrides (``{"data.ingest.resolution": 64}``)."""
     data = read_yaml(path)
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if os.environ.get("VISGEN_WORKDIR") and "workdir" not in overrides:
+        overrides["workdir"] = os.environ["VISGEN_WORKDIR"]  # e.g. shared storage on a cluster
+    for key, value in overrides.items():
         set_dotted(data, key, value)
     try:
         return PipelineSpec.model_validate(data)

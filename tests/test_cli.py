@@ -1,0 +1,127 @@
+"""CLI: --help works everywhere and every generated flag reaches its spec field."""
+
+import argparse
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from visgen.cli import COMMANDS, build_parser, overrides_from_args
+from visgen.config import SpecError, get_dotted, load_spec
+
+SPEC = "pipelines/shapes-tiny.yaml"
+
+
+def _subparser(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> argparse.ArgumentParser:
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def _flags(parser):
+    for action in parser._actions:
+        if action.dest.startswith("cfg:"):
+            yield action, action.dest[4:]
+
+
+def _candidates(current):
+    """Valid-looking values different from ``current``, most plausible first."""
+    if isinstance(current, bool):
+        return [not current]
+    if isinstance(current, int):
+        return [current + 1, current - 1, max(1, current // 2), 1, 2]
+    if isinstance(current, float):
+        return [round(current / 2, 6) if current else 0.5, round(current + 0.1, 6), 0.5, 0.0, 1.0]
+    if isinstance(current, str):
+        return [current + "-x", "x", False, True, 0.5]  # the last ones for "auto"-or-value fields
+    if isinstance(current, (tuple, list)):
+        if all(isinstance(v, int) for v in current):
+            return [[v + 1 for v in current], [1] * len(current), list(current[:-1])]
+        if all(isinstance(v, float) for v in current):
+            return [[round(v / 2, 6) for v in current]]
+    if isinstance(current, dict):
+        return [{k: (v + 1 if isinstance(v, (int, float)) else v) for k, v in list(current.items())[:1]} | {}]
+    if current is None:
+        return [3, 0.5, "x"]
+    return []
+
+
+def _render(value) -> str:
+    import yaml
+
+    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS), ids=[" ".join(c) for c in COMMANDS])
+def test_every_flag_reaches_its_field(command):
+    parser = build_parser()
+    sub = _subparser(parser, command)
+    spec = load_spec(SPEC)
+    checked = 0
+    for action, path in _flags(sub):
+        current = get_dotted(spec, path)
+        current = list(current) if isinstance(current, tuple) else current
+        for cand in _candidates(current):
+            if cand == current:
+                continue
+            if action.choices is not None:
+                cand = next(c for c in action.choices if c != current)
+            argv = [*command, "--pipeline", SPEC, action.option_strings[0]]
+            if action.nargs == 0:  # --flag / --no-flag
+                argv[-1] = action.option_strings[0] if cand else action.option_strings[1]
+            else:
+                argv.append(_render(cand))
+            args = parser.parse_args(argv)
+            try:
+                got = get_dotted(load_spec(SPEC, overrides_from_args(args)), path)
+            except SpecError:
+                continue  # not a valid value for this field: try the next candidate
+            got = list(got) if isinstance(got, tuple) else got
+            assert got == cand, f"{action.option_strings[0]} {cand!r} set {path} to {got!r}"
+            checked += 1
+            break
+        else:
+            pytest.fail(f"found no valid value to test {action.option_strings[0]} -> {path} (current {current!r})")
+    assert checked == len(list(_flags(sub)))
+
+
+def test_set_reaches_any_field_and_workdir_flag(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["data", "ingest", "--pipeline", SPEC, "--set", "image_tokenizer.train.steps=7",
+                              "--workdir", str(tmp_path)])
+    spec = load_spec(SPEC, overrides_from_args(args))
+    assert spec.image_tokenizer.train.steps == 7
+    assert spec.workdir == str(tmp_path)
+
+
+def test_literal_flags_list_their_choices():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["data", "ingest", "--resize-mode", "stretch"])
+
+
+@pytest.mark.parametrize("argv", [[], ["data"], ["spec"]] + [list(c) for c in COMMANDS])
+def test_help_everywhere(argv):
+    out = subprocess.run([sys.executable, "-m", "visgen.cli", *argv, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage: visgen" in out.stdout
+
+
+def test_bad_spec_exits_2_with_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(SPEC).read().replace("resolution: 32\n    min_size", "resolution: -3\n    min_size"))
+    out = subprocess.run([sys.executable, "-m", "visgen.cli", "spec", "show", "--pipeline", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "data.ingest.resolution: -3" in out.stderr
+
+
+def test_spec_show_prints_resolved_json():
+    out = subprocess.run([sys.executable, "-m", "visgen.cli", "spec", "show", "--pipeline", SPEC, "--set", "data.synth.seed=5"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    assert json.loads(out.stdout)["data"]["synth"]["seed"] == 5

@@ -1,0 +1,115 @@
+"""End to end through the real entry point: `python jobs/pipeline.py` on the tiny spec, over
+generated shards plus planted bad samples and bad shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _png(mode: str, size=(40, 40)) -> bytes:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def plant_bad_shards(bad_dir: Path, good_shard: Path) -> dict[str, str]:
+    """Write bad shards next to the good ones; returns {key or shard name: expected reason}."""
+    import webdataset as wds
+
+    bad_dir.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(bad_dir / "10000.tar")) as w:
+        w.write({"__key__": "bad_jpeg", "jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "txt": b"a red circle"})
+        w.write({"__key__": "empty_caption", "png": _png("RGB"), "txt": b"   \n"})
+        w.write({"__key__": "no_image", "txt": b"a blue square"})
+        w.write({"__key__": "too_small", "png": _png("RGB", (8, 8)), "txt": b"a tiny star"})
+        w.write({"__key__": "bad_utf8", "png": _png("RGB"), "txt": b"\xff\xfe\xfa caption"})
+        # good ones in odd formats: must be kept
+        w.write({"__key__": "palette_png", "png": _png("P"), "txt": b"a green hexagon"})
+        w.write({"__key__": "upper_jpg", "JPG": _jpeg(), "json": json.dumps({"caption": "caption from json"}).encode()})
+        w.write({"__key__": "with_pickle", "png": _png("LA"), "txt": b"a white cross", "pkl": b"\x80\x04cos\nsystem\n."})
+    (bad_dir / "10001.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    data = good_shard.read_bytes()
+    (bad_dir / "10002.tar").write_bytes(data[: len(data) // 2])  # truncated mid-member
+    return {"bad_jpeg": "image_decode_error", "empty_caption": "caption_empty", "no_image": "image_missing",
+            "too_small": "image_too_small", "bad_utf8": "caption_undecodable",
+            "10001.tar": "shard_unreadable", "10002.tar": "shard_truncated"}
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_pipeline_job_end_to_end(tmp_path):
+    work = tmp_path / "work"
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    py = sys.executable
+
+    # 1) the shards first (so bad shards can be planted beside them), through the synth job
+    out = subprocess.run([py, "jobs/synth.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = plant_bad_shards(work / "bad", work / "shards" / "00000.tar")
+
+    # 2) the main job over good + bad shards (brace + glob source)
+    source = f"{work}/{{shards,bad}}/*.tar"
+    out = subprocess.run([py, "jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
+                          "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    text = out.stdout
+    summary = json.loads(text[text.index("=== summary ===") + len("=== summary ==="):text.index("artifacts:")])
+
+    # ingest: every good sample kept, every planted bad one quarantined with its reason
+    import pandas as pd
+
+    q = pd.read_parquet(work / "quarantine")
+    by_key = {(r.key or Path(r.shard).name): r.reason for r in q.itertuples()}
+    for name, reason in expected.items():
+        assert by_key.get(name) == reason, (name, by_key.get(name), by_key)
+    for good in ("palette_png", "upper_jpg"):
+        assert good not in by_key
+    # the pickle member is dropped unread; the sample itself is kept (a notice row, not a rejection)
+    assert by_key["with_pickle"] == "member_dropped"
+    ingest = summary["ingest"]
+    # 3 synth shards x 48 + 3 good planted + the complete samples before the truncation point
+    assert ingest["kept"] >= 3 * 48 + 3
+    assert ingest["quarantined"]["image_decode_error"] == 1 and ingest["quarantined"]["shard_unreadable"] == 1
+    assert "member_dropped" in text and "member_dropped" not in ingest["quarantined"]
+
+    # artifacts of every stage
+    assert (work / "text_tokenizer.json").is_file()
+    assert summary["image_tokenizer"]["steps"] == 24
+    ev = json.loads((work / "eval" / "image_tokenizer.json").read_text())
+    assert ev["n_images"] > 0 and ev["psnr"] > 10 and 0 < ev["usage"] <= 1
+    assert "mlflow ui --backend-store-uri sqlite:///" in text
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    exp = client.get_experiment_by_name("visgen-shapes-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "holdout/psnr" in runs[0].data.metrics
+
+    # 3) re-running is cheap: shards and tokenizer reused, training resumes at its last step
+    out = subprocess.run([py, "jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
+                          "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipped" in out.stdout and "up to date" in (out.stdout + out.stderr)

@@ -1,0 +1,271 @@
+"""The ``visgen`` command line.
+
+Flags are generated from the config sections each command uses, so every flag reaches a spec
+field by construction (``--num-shards`` → ``data.synth.num_shards``); ``--set dotted.key=value``
+reaches any other field. Values are validated by the same classes that validate the YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from typing import Any
+
+import yaml
+
+from visgen.config import SpecError, load_spec, parse_override
+
+log = logging.getLogger("visgen")
+
+DEFAULT_PIPELINE = "pipelines/shapes-32.yaml"
+
+
+# -- flags generated from config sections ---------------------------------------------------------
+
+def _section_classes() -> dict[str, type]:
+    from visgen.config import _sections
+
+    s = _sections()
+    return {
+        "data.synth": s["SynthConfig"],
+        "data.ingest": s["IngestConfig"],
+        "text_tokenizer": s["TextTokenizerConfig"],
+        "image_tokenizer.model": s["VQConfig"],
+        "image_tokenizer.train": s["TrainConfig"],
+        "image_tokenizer.scaling": s["ScalingConfig"],
+        "tracking": s["TrackingConfig"],
+    }
+
+
+def _is_plain_str(annotation: Any) -> bool:
+    """str and Optional[str] take the raw text; everything else is parsed as YAML (numbers, lists, null)."""
+    if annotation is str:
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+        and len(args) == 1 and args[0] is str
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+# Fields that follow another section (the tokenizer's resolution is data.ingest.resolution).
+DERIVED_FIELDS = {"image_tokenizer.model": {"resolution"}}
+
+
+def add_section_flags(parser: argparse.ArgumentParser, sections: list[str], taken: set[str] | None = None) -> None:
+    """Add one ``--flag`` per field of each named section; the dest records the dotted field path."""
+    classes = _section_classes()
+    taken = set() if taken is None else taken
+    names: dict[str, list[str]] = {}
+    for sec in sections:
+        for field in classes[sec].model_fields:
+            names.setdefault(field, []).append(sec)
+    for sec in sections:
+        group = parser.add_argument_group(f"{sec} (spec section; flags override the YAML)")
+        for field, info in classes[sec].model_fields.items():
+            if field in DERIVED_FIELDS.get(sec, ()):
+                continue
+            flag = field.replace("_", "-")
+            if len(names[field]) > 1 or flag in taken:  # ambiguous across sections: qualify it
+                flag = f"{sec.split('.')[-1]}-{flag}".replace("_", "-")
+            taken.add(flag)
+            dest = "cfg:" + f"{sec}.{field}"
+            help_text = (info.description or "").rstrip(".") + f" (default: {info.default!r})"
+            help_text = help_text.replace("%", "%%")
+            if _is_bool(info.annotation):
+                group.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                kind = "raw" if _is_plain_str(info.annotation) else "yaml"
+                choices = list(typing.get_args(info.annotation)) if typing.get_origin(info.annotation) is typing.Literal else None
+                group.add_argument(f"--{flag}", dest=dest, default=None, metavar="{" + ",".join(map(str, choices)) + "}" if choices else "VALUE",
+                                   choices=choices, type=(str if kind == "raw" else _yaml_value), help=help_text)
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        key, value = parse_override(item)
+        out[key] = value
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:") and value is not None:
+            out[dest[4:]] = value
+    if getattr(args, "workdir", None):
+        out["workdir"] = args.workdir
+    return out
+
+
+def spec_from_args(args: argparse.Namespace):
+    return load_spec(args.pipeline, overrides_from_args(args))
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
+
+
+def cmd_data_synth(args):
+    from visgen import stages
+
+    report = stages.synth(spec_from_args(args), overwrite=args.overwrite)
+    print(report.format() if hasattr(report, "format") else report)
+
+
+def cmd_data_ingest(args):
+    from visgen import stages
+
+    report = stages.ingest(spec_from_args(args))
+    print(report.format())
+
+
+def cmd_data_tokenizer(args):
+    from visgen import stages
+    from visgen.text.tokenizer import TextTokenizer
+
+    path = stages.text_tokenizer(spec_from_args(args), force=args.force)
+    tok = TextTokenizer.load(path)
+    print(f"text tokenizer: {path} (vocab {tok.vocab_size}, specials {tok.special_ids})")
+
+
+def cmd_train_tokenizer(args):
+    from visgen import stages
+
+    res = stages.train_tokenizer(spec_from_args(args), run_name=args.run_name)
+    print(f"image tokenizer: {res.fit.step} steps, exported to {res.model_dir}")
+    _print_json({"train": res.metrics, "eval": res.eval})
+
+
+def cmd_eval_tokenizer(args):
+    from visgen import stages
+
+    _print_json(stages.eval_tokenizer(spec_from_args(args), run_name=args.run_name))
+
+
+def cmd_eval_judge(args):
+    from visgen.eval.judge import JudgeConfig, judge_report
+
+    spec = spec_from_args(args)
+    _print_json(judge_report(args.judge_dir or spec.paths.eval / "judge", JudgeConfig(), train=args.train,
+                             resolutions=args.resolutions, per_task=args.per_task, degraded=args.degraded))
+
+
+def cmd_eval_generations(args):
+    from pathlib import Path
+
+    from visgen.eval.geneval import score_folder, write_results
+    from visgen.eval.judge import Judge
+
+    spec = spec_from_args(args)
+    result = score_folder(args.images, Judge.load(args.judge_dir or spec.paths.eval / "judge"))
+    out = Path(args.out) if args.out else Path(args.images) / "results.json"
+    write_results(result, out)
+    _print_json({k: result[k] for k in ("overall", "tasks", "by_language", "judge", "missing_prompts") if k in result})
+    print(f"full results: {out}")
+
+
+def cmd_run(args):
+    from visgen import stages
+
+    spec = spec_from_args(args)
+    summary = stages.run_pipeline(spec)
+    print("\n=== summary ===")
+    _print_json(summary)
+    print(stages.where_to_look(spec))
+
+
+def cmd_spec_show(args):
+    _print_json(spec_from_args(args).dump())
+
+
+COMMANDS: dict[tuple[str, ...], tuple[Any, list[str], str]] = {
+    ("data", "synth"): (cmd_data_synth, ["data.synth"], "generate the procedural shapes shards (WebDataset, img2dataset layout)"),
+    ("data", "ingest"): (cmd_data_ingest, ["data.ingest"], "run the Ray Data ingest pass: decode, validate, resize, tokenize, quarantine"),
+    ("data", "tokenizer"): (cmd_data_tokenizer, ["text_tokenizer"], "train the byte-level BPE text tokenizer over the shard captions"),
+    ("train", "tokenizer"): (cmd_train_tokenizer, ["image_tokenizer.model", "image_tokenizer.train", "image_tokenizer.scaling"],
+                             "train the VQ image tokenizer on Ray Train (resumes a run with checkpoints)"),
+    ("eval", "tokenizer"): (cmd_eval_tokenizer, [], "PSNR, SSIM, codebook usage and perplexity on the held-out shards"),
+    ("eval", "judge"): (cmd_eval_judge, [], "train (--train) and/or measure the shapes judge's per-task accuracy on held-out renders"),
+    ("eval", "generations"): (cmd_eval_generations, [], "GenEval-style scores of a folder of generated images (metadata.jsonl + images)"),
+    ("run",): (cmd_run, [], "run the whole pipeline: shards -> text tokenizer -> ingest -> image tokenizer -> eval"),
+    ("spec", "show"): (cmd_spec_show, [], "print the fully resolved spec (after overrides) as JSON"),
+}
+
+EXTRA_FLAGS = {
+    ("data", "synth"): [("--overwrite", {"action": "store_true", "help": "replace shards made from a different config"})],
+    ("train", "tokenizer"): [("--run-name", {"help": "Ray Train / MLflow run name; the same name resumes (default: image_tokenizer)"})],
+    ("eval", "tokenizer"): [("--run-name", {"help": "MLflow run to log the held-out metrics to (default: image_tokenizer)"})],
+    ("eval", "judge"): [
+        ("--train", {"action": "store_true", "help": "train the judge (on rendered shapes only) before measuring it"}),
+        ("--judge-dir", {"help": "judge weights directory (default: <workdir>/eval/judge)"}),
+        ("--resolutions", {"nargs": "+", "type": int, "help": "image sizes to measure at (default: 32 64)"}),
+        ("--per-task", {"type": int, "help": "held-out renders per task"}),
+        ("--degraded", {"action": "store_true", "help": "also measure on degraded renders (blur, noise, JPEG)"}),
+    ],
+    ("eval", "generations"): [
+        ("--images", {"required": True, "help": "folder holding metadata.jsonl and <prompt id>_<index>.png images"}),
+        ("--judge-dir", {"help": "judge weights directory (default: <workdir>/eval/judge)"}),
+        ("--out", {"help": "result JSON path (default: IMAGES/results.json)"}),
+    ],
+    ("data", "tokenizer"): [("--force", {"action": "store_true", "help": "retrain even when the saved tokenizer is up to date"})],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visgen", description="Train and serve a text<->image model on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    sub_by_group: dict[str, argparse._SubParsersAction] = {}
+    group_help = {"data": "data stages: synth, ingest, tokenizer", "train": "training stages",
+                  "eval": "evaluation", "spec": "inspect pipeline specs"}
+    for command, (fn, sections, help_text) in COMMANDS.items():
+        if len(command) == 1:
+            p = groups.add_parser(command[0], help=help_text, description=help_text)
+        else:
+            group, name = command
+            if group not in sub_by_group:
+                gp = groups.add_parser(group, help=group_help.get(group, group), description=group_help.get(group, group))
+                sub_by_group[group] = gp.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+            p = sub_by_group[group].add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--pipeline", "-p", default=DEFAULT_PIPELINE, help=f"pipeline spec YAML (default: {DEFAULT_PIPELINE})")
+        p.add_argument("--workdir", help="override the spec's workdir (where every artifact goes)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any spec field, e.g. --set data.ingest.resolution=64")
+        taken = {"pipeline", "workdir", "set", "verbose"}
+        for flag, kw in EXTRA_FLAGS.get(command, []):
+            p.add_argument(flag, **kw)
+            taken.add(flag.lstrip("-"))
+        add_section_flags(p, sections, taken)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from visgen.runtime import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
