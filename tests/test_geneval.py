@@ -194,17 +194,6 @@ class FixedJudge:
         return [self.answers[int(im[0, 0, 0])] for im in images]
 
 
-class RecordingTracker:
-    def __init__(self):
-        self.metrics, self.dicts = [], []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((dict(metrics), step))
-
-    def log_dict(self, d, name):
-        self.dicts.append((name, d))
-
-
 def _two_prompts():
     counting = next(r for r in load_prompt_set(tasks=["counting"]) if r["include"][0]["count"] == 2)
     colors = load_prompt_set(tasks=["colors"], languages=["zh"], limit_per_task=1)[0]
@@ -222,16 +211,25 @@ def test_score_generations_and_folder_round_trip(tmp_path):
     }
     images = [np.full((32, 32, 3), k, np.uint8) for k in (0, 1, 2)]
     records = [counting, counting, colors]
-    tracker = RecordingTracker()
+    from mlflow import MlflowClient
+
+    from visgen.tracking import Tracker, TrackingConfig
+
+    tracker = Tracker.start(TrackingConfig(experiment="geneval-test"), tmp_path / "mlflow", "geneval")
     result = score_generations(records, images, FixedJudge(answers), tracker=tracker, step=7)
+    tracker.end()
     assert result["tasks"]["counting"] == {"accuracy": 0.5, "correct": 1, "images": 2}
     assert result["tasks"]["colors"]["accuracy"] == 1.0 and result["overall"] == pytest.approx(0.75)
     assert result["judge"]["min_task_accuracy"] == 1.0 and result["resolution"] == 32
     assert result["per_image"][1]["reason"].startswith("expected fewer than 3")
     assert result["prompts"] == 2 and result["by_language"]["zh"]["overall"] == 1.0
-    (metrics, step), = tracker.metrics
-    assert step == 7 and metrics["geneval/overall"] == pytest.approx(0.75) and "geneval/judge_min_task_accuracy" in metrics
-    assert tracker.dicts[0][0] == "eval/geneval.json"
+    # logged to a real MLflow run (sqlite store under the test's workdir)
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'mlflow').resolve()}/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    (point,) = client.get_metric_history(tracker.run_id, "geneval/overall")
+    assert point.step == 7 and point.value == pytest.approx(0.75)
+    assert "geneval/judge_min_task_accuracy" in run.data.metrics
+    assert "geneval.json" in [f.path.split("/")[-1] for f in client.list_artifacts(tracker.run_id, "eval")]
 
     folder = save_generations(tmp_path / "gen", records, images)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
