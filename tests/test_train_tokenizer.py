@@ -142,15 +142,15 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint_and_rerun_continues(
     assert read_progress(run_dir / "checkpoint_00000016")[0].samples_seen == 16 * 16
 
 
-def test_job_entry_point_reports_a_bad_spec(tmp_path, capsys):
-    import importlib.util
+def test_job_entry_point_reports_a_bad_spec(tmp_path):
+    import subprocess
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "jobs" / "train_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("train_tokenizer_job", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    root = Path(__file__).resolve().parents[1]
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {ingest: {source: /nowhere}}\nimage_tokenizer: {train: {steps: 0}}\n")
-    assert job.main(["--pipeline", str(bad)]) == 2
-    assert "image_tokenizer.train.steps: 0 is not allowed" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "jobs/train_tokenizer.py", "--pipeline", str(bad)],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "image_tokenizer.train.steps: 0 is not allowed" in out.stderr
