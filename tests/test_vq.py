@@ -336,7 +336,7 @@ def test_adaptive_gan_weight_is_finite_and_clamped():
     model, loss_fn, x, out = _gan_setup()
     g_loss, logs = loss_fn.generator_loss(x, out, step=5, last_layer=model.last_layer_weight())
     assert math.isfinite(logs["d_weight"]) and 0 < logs["d_weight"] <= loss_fn.cfg.disc_adaptive_max
-    assert logs["g_loss"] == pytest.approx(float(g_loss))
+    assert logs["g_loss"] == pytest.approx(float(g_loss.detach()))
     g_loss.backward()
     assert model.encoder.conv_in.weight.grad is not None
 
