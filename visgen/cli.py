@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import types
 import typing
 from typing import Any
 
@@ -45,7 +46,7 @@ def _is_plain_str(annotation: Any) -> bool:
     if annotation is str:
         return True
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) \
         and len(args) == 1 and args[0] is str
 
 

@@ -12,11 +12,14 @@ equal to 8``.
 
 from __future__ import annotations
 
+import os
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -78,12 +81,6 @@ def read_yaml(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The pipeline spec: composition of the sections owned by each component.
 # ---------------------------------------------------------------------------------------------
-
-import os  # noqa: E402
-import re  # noqa: E402
-from functools import cached_property  # noqa: E402
-
-from pydantic import Field, model_validator  # noqa: E402
 
 
 def _sections():

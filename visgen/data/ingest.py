@@ -619,5 +619,5 @@ def run_ingest(cfg: IngestConfig, tokenizer_path: str | None, quarantine_dir: st
         quarantined={r: n for r, n in counts.items() if r not in NOTICE_REASONS},
         notices={r: n for r, n in counts.items() if r in NOTICE_REASONS},
         shards=len(shards), seconds=seconds, quarantine_dir=quarantine_dir)
-    log.info("%s", report.format())
+    log.debug("%s", report.format())  # callers print the summary; logging it too showed it twice
     return report
