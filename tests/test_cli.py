@@ -41,10 +41,12 @@ def _candidates(current):
             return [[v + 1 for v in current], [1] * len(current), list(current[:-1])]
         if all(isinstance(v, float) for v in current):
             return [[round(v / 2, 6) for v in current]]
+        if current and all(isinstance(v, str) for v in current):
+            return [list(current[:-1]) or ["x"], list(current[1:]), list(reversed(current))]
     if isinstance(current, dict):
         return [{k: (v + 1 if isinstance(v, (int, float)) else v) for k, v in list(current.items())[:1]} | {}]
     if current is None:
-        return [3, 0.5, "x"]
+        return ["x", 3, 0.5]
     return []
 
 

@@ -103,9 +103,24 @@ def test_pipeline_job_end_to_end(tmp_path):
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("visgen-shapes-tiny")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert "holdout/psnr" in runs[0].data.metrics
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"image_tokenizer", "lm"} and all(r.info.status == "FINISHED" for r in runs.values())
+    assert "holdout/psnr" in runs["image_tokenizer"].data.metrics
+
+    # the transformer: trained from the token cache, the loss went down, bundle written and evaluated
+    cache = json.loads((work / "token_cache" / "manifest.json").read_text())
+    assert cache["image_fingerprint"] == ev["fingerprint"]
+    assert summary["lm"]["steps"] == 16
+    lm_hist = [m for m in client.get_metric_history(runs["lm"].info.run_id, "loss")]
+    assert lm_hist[-1].value < lm_hist[0].value - 0.5, [m.value for m in lm_hist]
+    bundle = work / "models" / "bundle"
+    assert {"manifest.json", "lm.safetensors", "image_tokenizer.safetensors", "text_tokenizer.json",
+            "eval.json"} <= {p.name for p in bundle.iterdir()}
+    lm_eval = json.loads((work / "eval" / "lm.json").read_text())
+    assert set(lm_eval["geneval"]["tasks"]) == {"single_object", "two_objects", "counting", "colors", "position",
+                                                "color_attr"}
+    assert 0 <= lm_eval["geneval_overall"] <= 1 and 0 <= lm_eval["caption_slot_accuracy"] <= 1
+    assert "final/geneval_overall" in client.get_run(runs["lm"].info.run_id).data.metrics
 
     # 3) re-running is cheap: shards and tokenizer reused, training resumes at its last step
     out = subprocess.run([py, "jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
@@ -113,3 +128,4 @@ def test_pipeline_job_end_to_end(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "skipped" in out.stdout and "up to date" in (out.stdout + out.stderr)
+    assert "token cache" in out.stdout and "reused" in (out.stdout + out.stderr)

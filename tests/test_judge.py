@@ -187,3 +187,14 @@ def test_judge_tolerates_stronger_jpeg(tmp_path_factory):
     judge = judge_for_tests(tmp_path_factory)
     acc = J.judge_accuracy(judge, [64], per_task=50, jpeg_quality=50)["64"]
     assert acc["min"] >= 0.95, acc
+
+
+def test_the_shipped_judge_is_the_default_config_and_reads_renders():
+    from visgen.eval.judge import DEFAULT_JUDGE_DIR, JudgeConfig, judge_accuracy, load_judge
+
+    judge = load_judge()
+    assert judge.cfg == JudgeConfig(), "retrain the shipped judge: `visgen eval judge --train --judge-dir " \
+                                       f"{DEFAULT_JUDGE_DIR}` (the default JudgeConfig changed)"
+    assert judge.accuracy["32"]["min"] == 1.0 and judge.accuracy["64"]["min"] == 1.0
+    again = judge_accuracy(judge, [32], per_task=20)  # re-measured now, not just read from the JSON
+    assert again["32"]["min"] >= 0.95

@@ -37,6 +37,14 @@ def _section_classes() -> dict[str, type]:
         "image_tokenizer.model": s["VQConfig"],
         "image_tokenizer.train": s["TrainConfig"],
         "image_tokenizer.scaling": s["ScalingConfig"],
+        "token_cache": s["TokenCacheConfig"],
+        "lm.model": s["GPTConfig"],
+        "lm.recipe": s["LMRecipe"],
+        "lm.train": s["TrainConfig"],
+        "lm.scaling": s["ScalingConfig"],
+        "sampling": s["SamplingConfig"],
+        "eval.geneval": s["GenEvalConfig"],
+        "eval.captions": s["CaptionEvalConfig"],
         "tracking": s["TrackingConfig"],
     }
 
@@ -55,7 +63,8 @@ def _is_bool(annotation: Any) -> bool:
 
 
 # Fields that follow another section (the tokenizer's resolution is data.ingest.resolution).
-DERIVED_FIELDS = {"image_tokenizer.model": {"resolution"}}
+DERIVED_FIELDS = {"image_tokenizer.model": {"resolution"},
+                  "lm.model": {"text_vocab", "codebook_size", "grid", "max_text_tokens"}}
 
 
 def add_section_flags(parser: argparse.ArgumentParser, sections: list[str], taken: set[str] | None = None) -> None:
@@ -155,10 +164,11 @@ def cmd_eval_tokenizer(args):
 
 
 def cmd_eval_judge(args):
-    from visgen.eval.judge import JudgeConfig, judge_report
+    from visgen.eval.judge import DEFAULT_JUDGE_DIR, JudgeConfig, judge_report
 
     spec = spec_from_args(args)
-    _print_json(judge_report(args.judge_dir or spec.paths.eval / "judge", JudgeConfig(), train=args.train,
+    default = spec.paths.eval / "judge" if args.train else DEFAULT_JUDGE_DIR  # never retrain the shipped one in place
+    _print_json(judge_report(args.judge_dir or default, JudgeConfig(), train=args.train,
                              resolutions=args.resolutions, per_task=args.per_task, degraded=args.degraded))
 
 
@@ -166,14 +176,85 @@ def cmd_eval_generations(args):
     from pathlib import Path
 
     from visgen.eval.geneval import score_folder, write_results
-    from visgen.eval.judge import Judge
+    from visgen.eval.judge import load_judge
 
-    spec = spec_from_args(args)
-    result = score_folder(args.images, Judge.load(args.judge_dir or spec.paths.eval / "judge"))
+    result = score_folder(args.images, load_judge(args.judge_dir))
     out = Path(args.out) if args.out else Path(args.images) / "results.json"
     write_results(result, out)
     _print_json({k: result[k] for k in ("overall", "tasks", "by_language", "judge", "missing_prompts") if k in result})
     print(f"full results: {out}")
+
+
+def cmd_data_token_cache(args):
+    from visgen import stages
+
+    print(stages.token_cache(spec_from_args(args), force=args.force).format())
+
+
+def cmd_train_lm(args):
+    from visgen import stages
+
+    spec = spec_from_args(args)
+    res = stages.train_lm(spec, run_name=args.run_name)
+    out = stages.bundle(spec)
+    _print_json({"model_dir": res.model_dir, "bundle": out, "steps": res.fit.step, "metrics": res.metrics,
+                 "eval": res.eval, "mlflow_run_id": res.fit.mlflow_run_id})
+
+
+def cmd_eval_lm(args):
+    from visgen import stages
+
+    ev = stages.eval_lm(spec_from_args(args), bundle_dir=args.bundle, run_name=args.run_name)
+    _print_json({k: v for k, v in ev.items() if not isinstance(v, (dict, list))})
+
+
+def _load_pipeline(args):
+    from visgen.pipeline import Pipeline
+
+    source = args.bundle or str(spec_from_args(args).paths.bundle)
+    return Pipeline.load(source, device=args.device)
+
+
+def _output_paths(out: str, count: int) -> list["Path"]:
+    from pathlib import Path
+
+    p = Path(out)
+    if count == 1 and p.suffix:
+        paths = [p]
+    elif p.suffix:  # several images for one file name: name_000.png, name_001.png, ...
+        paths = [p.with_name(f"{p.stem}_{i:03d}{p.suffix}") for i in range(count)]
+    else:
+        paths = [p / f"{i:03d}.png" for i in range(count)]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _save_images(images, out: str) -> None:
+    from PIL import Image
+
+    for image, path in zip(images, _output_paths(out, len(images))):
+        Image.fromarray(image).save(path)
+        print(path)
+
+
+def cmd_generate(args):
+    pipe = _load_pipeline(args)
+    images = pipe.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    _save_images(images, args.out)
+
+
+def cmd_caption(args):
+    pipe = _load_pipeline(args)
+    for path, text in zip(args.images, pipe.caption(args.images, seed=args.seed, temperature=args.temperature)):
+        print(f"{path}\t{text}")
+
+
+def cmd_edit(args):
+    pipe = _load_pipeline(args)
+    image = pipe.edit(args.image, args.prompt, keep_rows=args.keep_rows, seed=args.seed, cfg_scale=args.cfg_scale,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    _save_images([image], args.out)
 
 
 def cmd_run(args):
@@ -199,9 +280,32 @@ COMMANDS: dict[tuple[str, ...], tuple[Any, list[str], str]] = {
     ("eval", "tokenizer"): (cmd_eval_tokenizer, [], "PSNR, SSIM, codebook usage and perplexity on the held-out shards"),
     ("eval", "judge"): (cmd_eval_judge, [], "train (--train) and/or measure the shapes judge's per-task accuracy on held-out renders"),
     ("eval", "generations"): (cmd_eval_generations, [], "GenEval-style scores of a folder of generated images (metadata.jsonl + images)"),
-    ("run",): (cmd_run, [], "run the whole pipeline: shards -> text tokenizer -> ingest -> image tokenizer -> eval"),
+    ("data", "token-cache"): (cmd_data_token_cache, ["token_cache"],
+                              "encode the ingested images with the frozen image tokenizer into the parquet token cache"),
+    ("train", "lm"): (cmd_train_lm, ["lm.model", "lm.recipe", "lm.train", "lm.scaling"],
+                      "train the text<->image transformer on the token cache (Ray Train) and write the model bundle"),
+    ("eval", "lm"): (cmd_eval_lm, ["eval.geneval", "eval.captions"],
+                     "GenEval-shapes (text -> image) and caption accuracy (image -> text) of the model bundle"),
+    ("generate",): (cmd_generate, [], "draw images for text prompts (any language the tokenizer was trained on)"),
+    ("caption",): (cmd_caption, [], "caption image files"),
+    ("edit",): (cmd_edit, [], "keep the top token rows of an image and redraw the rest to match a prompt"),
+    ("run",): (cmd_run, [], "run the whole pipeline: shards -> tokenizers -> ingest -> token cache -> transformer -> eval"),
     ("spec", "show"): (cmd_spec_show, [], "print the fully resolved spec (after overrides) as JSON"),
 }
+
+_BUNDLE_FLAGS = [
+    ("--bundle", {"help": "model bundle directory or MLflow URI such as models:/visgen@champion "
+                          "(default: <workdir>/models/bundle of --pipeline)"}),
+    ("--device", {"default": "auto", "help": "cpu, cuda, cuda:1 ... (default: cuda when available)"}),
+]
+_SAMPLING_FLAGS = [
+    ("--seed", {"type": int, "default": 0, "help": "sampling seed; image i uses seed + i (default: 0)"}),
+    ("--cfg-scale", {"type": float, "help": "classifier-free guidance scale (default: the bundle's)"}),
+    ("--temperature", {"type": float, "help": "sampling temperature, 0 = greedy (default: the bundle's)"}),
+    ("--top-k", {"type": int, "help": "sample among the k most likely codes (default: the bundle's)"}),
+    ("--top-p", {"type": float, "help": "nucleus sampling mass (default: the bundle's)"}),
+    *_BUNDLE_FLAGS,
+]
 
 EXTRA_FLAGS = {
     ("data", "synth"): [("--overwrite", {"action": "store_true", "help": "replace shards made from a different config"})],
@@ -209,17 +313,42 @@ EXTRA_FLAGS = {
     ("eval", "tokenizer"): [("--run-name", {"help": "MLflow run to log the held-out metrics to (default: image_tokenizer)"})],
     ("eval", "judge"): [
         ("--train", {"action": "store_true", "help": "train the judge (on rendered shapes only) before measuring it"}),
-        ("--judge-dir", {"help": "judge weights directory (default: <workdir>/eval/judge)"}),
+        ("--judge-dir", {"help": "judge weights directory (default: the shipped judge; with --train <workdir>/eval/judge)"}),
         ("--resolutions", {"nargs": "+", "type": int, "help": "image sizes to measure at (default: 32 64)"}),
         ("--per-task", {"type": int, "help": "held-out renders per task"}),
         ("--degraded", {"action": "store_true", "help": "also measure on degraded renders (blur, noise, JPEG)"}),
     ],
     ("eval", "generations"): [
         ("--images", {"required": True, "help": "folder holding metadata.jsonl and <prompt id>_<index>.png images"}),
-        ("--judge-dir", {"help": "judge weights directory (default: <workdir>/eval/judge)"}),
+        ("--judge-dir", {"help": "judge weights directory (default: the judge shipped with visgen)"}),
         ("--out", {"help": "result JSON path (default: IMAGES/results.json)"}),
     ],
     ("data", "tokenizer"): [("--force", {"action": "store_true", "help": "retrain even when the saved tokenizer is up to date"})],
+    ("data", "token-cache"): [("--force", {"action": "store_true", "help": "rebuild even when the cache is up to date"})],
+    ("train", "lm"): [("--run-name", {"help": "Ray Train / MLflow run name; the same name resumes (default: lm)"})],
+    ("eval", "lm"): [
+        ("--bundle", {"help": "model bundle directory or MLflow URI (default: <workdir>/models/bundle)"}),
+        ("--run-name", {"help": "MLflow run to log the results to (default: lm)"}),
+    ],
+    ("generate",): [
+        ("prompts", {"nargs": "+", "metavar": "PROMPT", "help": "text prompt(s), e.g. \"a red circle left of a blue square\""}),
+        ("--out", {"required": True, "help": "output PNG (several images: NAME_000.png, ...) or a directory"}),
+        ("--n", {"type": int, "default": 1, "help": "images per prompt (default: 1)"}),
+        *_SAMPLING_FLAGS,
+    ],
+    ("caption",): [
+        ("images", {"nargs": "+", "metavar": "IMAGE", "help": "image files (resized to the model's resolution)"}),
+        ("--seed", {"type": int, "default": 0, "help": "sampling seed (default: 0)"}),
+        ("--temperature", {"type": float, "help": "0 = greedy (default: the bundle's caption_temperature)"}),
+        *_BUNDLE_FLAGS,
+    ],
+    ("edit",): [
+        ("image", {"metavar": "IMAGE", "help": "image file to edit"}),
+        ("prompt", {"metavar": "PROMPT", "help": "what the edited image should show"}),
+        ("--keep-rows", {"type": int, "required": True, "help": "token rows kept from the top of the image; the rest is redrawn"}),
+        ("--out", {"required": True, "help": "output PNG"}),
+        *_SAMPLING_FLAGS,
+    ],
 }
 
 
@@ -228,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     sub_by_group: dict[str, argparse._SubParsersAction] = {}
-    group_help = {"data": "data stages: synth, ingest, tokenizer", "train": "training stages",
+    group_help = {"data": "data stages: synth, ingest, tokenizer, token-cache", "train": "training stages",
                   "eval": "evaluation", "spec": "inspect pipeline specs"}
     for command, (fn, sections, help_text) in COMMANDS.items():
         if len(command) == 1:
@@ -262,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
+        if args.verbose:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

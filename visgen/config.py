@@ -88,11 +88,18 @@ def _sections():
     # those modules import this one.
     from visgen.data.ingest import IngestConfig
     from visgen.data.synth import SynthConfig
+    from visgen.data.token_cache import TokenCacheConfig
+    from visgen.eval.captions import CaptionEvalConfig
+    from visgen.eval.geneval import GenEvalConfig
+    from visgen.models.gpt import PRESETS as GPT_PRESETS
+    from visgen.models.gpt import GPTConfig
     from visgen.models.vq import PRESETS as VQ_PRESETS
     from visgen.models.vq import VQConfig
     from visgen.text.tokenizer import TextTokenizerConfig
+    from visgen.pipeline import SamplingConfig
     from visgen.tracking import TrackingConfig
     from visgen.train.config import ScalingConfig, TrainConfig
+    from visgen.train.lm import LMRecipe
 
     return locals()
 
@@ -108,6 +115,8 @@ class Workdir:
     quarantine = property(lambda self: self.root / "quarantine")
     ray_results = property(lambda self: self.root / "ray_results")
     models = property(lambda self: self.root / "models")
+    token_cache = property(lambda self: self.root / "token_cache")
+    bundle = property(lambda self: self.root / "models" / "bundle")
     eval = property(lambda self: self.root / "eval")
 
     def __repr__(self) -> str:
@@ -161,7 +170,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 class PipelineSpec(BaseModel):
-    """One pipeline: data → text tokenizer → image tokenizer → (later) LM → serving.
+    """One pipeline: data → text tokenizer → image tokenizer → token cache → LM → evaluation.
 
     Sections are validated by the classes of the components that own them; this class only
     composes them and checks what spans sections (e.g. image resolution).
@@ -175,6 +184,10 @@ class PipelineSpec(BaseModel):
     data: Any
     text_tokenizer: Any = None
     image_tokenizer: Any = None
+    token_cache: Any = None
+    lm: Any = None
+    sampling: Any = None
+    eval: Any = None
     tracking: Any = None
 
     @model_validator(mode="before")
@@ -190,11 +203,11 @@ class PipelineSpec(BaseModel):
         raw["workdir"] = str(Path(_substitute(str(workdir), {"name": str(name), "workdir": ""})).expanduser().resolve())
         raw = _substitute(raw, {"name": str(name), "workdir": raw["workdir"]})
         out = {k: raw[k] for k in ("name", "workdir") if k in raw}
-        unknown = sorted(set(raw) - {"name", "workdir", "data", "text_tokenizer", "image_tokenizer", "tracking"})
+        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
         if unknown:
             raise SpecError("invalid spec:\n" + "\n".join(
-                f"{k}: unknown key (value {raw[k]!r}); allowed top-level keys: name, workdir, data, "
-                "text_tokenizer, image_tokenizer, tracking" for k in unknown))
+                f"{k}: unknown key (value {raw[k]!r}); allowed top-level keys: {', '.join(TOP_LEVEL_KEYS)}"
+                for k in unknown))
 
         data = raw.get("data")
         if not isinstance(data, dict) or "ingest" not in data:
@@ -211,6 +224,13 @@ class PipelineSpec(BaseModel):
         tracking.setdefault("experiment", f"visgen-{name}")
         out["tracking"] = _validate_at(s["TrackingConfig"], tracking, "tracking")
         out["image_tokenizer"] = _image_tokenizer_section(raw.get("image_tokenizer") or {}, ingest, s)
+        out["token_cache"] = _validate_at(s["TokenCacheConfig"], raw.get("token_cache") or {}, "token_cache")
+        out["lm"] = _lm_section(raw.get("lm") or {}, ingest, out["text_tokenizer"], out["image_tokenizer"].model, s)
+        out["sampling"] = _validate_at(s["SamplingConfig"], raw.get("sampling") or {}, "sampling")
+        ev = raw.get("eval") or {}
+        _check_keys(ev, "eval", ("geneval", "captions"))
+        out["eval"] = EvalSpec(geneval=_validate_at(s["GenEvalConfig"], ev.get("geneval") or {}, "eval.geneval"),
+                               captions=_validate_at(s["CaptionEvalConfig"], ev.get("captions") or {}, "eval.captions"))
         return out
 
     @cached_property
@@ -225,8 +245,16 @@ class PipelineSpec(BaseModel):
             "data": {k: (v.model_dump(mode="json") if v is not None else None) for k, v in vars(self.data).items()},
             "text_tokenizer": self.text_tokenizer.model_dump(mode="json"),
             "image_tokenizer": {k: v.model_dump(mode="json") for k, v in vars(self.image_tokenizer).items()},
+            "token_cache": self.token_cache.model_dump(mode="json"),
+            "lm": {k: v.model_dump(mode="json") for k, v in vars(self.lm).items()},
+            "sampling": self.sampling.model_dump(mode="json"),
+            "eval": {k: v.model_dump(mode="json") for k, v in vars(self.eval).items()},
             "tracking": self.tracking.model_dump(mode="json"),
         }
+
+
+TOP_LEVEL_KEYS = ("name", "workdir", "data", "text_tokenizer", "image_tokenizer", "token_cache", "lm", "sampling",
+                  "eval", "tracking")
 
 
 class DataSpec:
@@ -247,6 +275,58 @@ class ImageTokenizerSpec:
 
     def __repr__(self) -> str:
         return f"ImageTokenizerSpec(model={self.model!r}, train={self.train!r}, scaling={self.scaling!r})"
+
+
+class LMSpec:
+    """``lm:`` — the transformer (a GPT preset + overrides), its training recipe, loop and scaling."""
+
+    def __init__(self, model, recipe, train, scaling):
+        self.model, self.recipe, self.train, self.scaling = model, recipe, train, scaling
+
+    def __repr__(self) -> str:
+        return f"LMSpec(model={self.model!r}, recipe={self.recipe!r}, train={self.train!r}, scaling={self.scaling!r})"
+
+
+class EvalSpec:
+    """``eval:`` — the GenEval-style text → image benchmark and the caption benchmark."""
+
+    def __init__(self, geneval, captions):
+        self.geneval, self.captions = geneval, captions
+
+    def __repr__(self) -> str:
+        return f"EvalSpec(geneval={self.geneval!r}, captions={self.captions!r})"
+
+
+def _check_keys(raw: Any, path: str, allowed: tuple[str, ...]) -> None:
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid spec:\n{path}: {raw!r} is not allowed: expected a mapping with keys {', '.join(allowed)}")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise SpecError("invalid spec:\n" + "\n".join(f"{path}.{k}: unknown key; allowed: {', '.join(allowed)}" for k in unknown))
+
+
+def _lm_section(raw: Any, ingest, text_tokenizer, vq, s: dict) -> LMSpec:
+    _check_keys(raw, "lm", ("model", "recipe", "train", "scaling"))
+    model = dict(raw.get("model") or {})
+    preset = model.pop("preset", "small")
+    if preset not in s["GPT_PRESETS"]:
+        raise SpecError(f"invalid spec:\nlm.model.preset: {preset!r} is not allowed: choose one of {sorted(s['GPT_PRESETS'])}")
+    side = vq.resolution // vq.downsample
+    # The vocabulary and layout follow the tokenizers and the ingest stage; they cannot be set apart.
+    derived = {"text_vocab": (text_tokenizer.vocab_size, "text_tokenizer.vocab_size"),
+               "codebook_size": (vq.codebook_size, "image_tokenizer.model.codebook_size"),
+               "grid": ((side, side), "the image tokenizer's latent grid"),
+               "max_text_tokens": (ingest.max_text_tokens, "data.ingest.max_text_tokens")}
+    for key, (value, source) in derived.items():
+        if key in model and (tuple(model[key]) if key == "grid" else model[key]) != value:
+            raise SpecError(f"invalid spec:\nlm.model.{key}: {model[key]!r} is not allowed: it follows {source} ({value!r})")
+        model[key] = value
+    return LMSpec(
+        model=_validate_at(s["GPTConfig"], {**s["GPT_PRESETS"][preset], **model}, "lm.model"),
+        recipe=_validate_at(s["LMRecipe"], raw.get("recipe") or {}, "lm.recipe"),
+        train=_validate_at(s["TrainConfig"], raw.get("train") or {}, "lm.train"),
+        scaling=_validate_at(s["ScalingConfig"], raw.get("scaling") or {}, "lm.scaling"),
+    )
 
 
 def _validate_at(cls: type[BaseModel], data: Any, path: str) -> Any:

@@ -98,6 +98,74 @@ def eval_tokenizer(spec: PipelineSpec, run_name: str | None = None) -> dict:
                                     run_name=run_name or RUN_NAME)
 
 
+def token_cache(spec: PipelineSpec, force: bool = False):
+    """Encode every ingested image with the frozen image tokenizer (an actor pool) into the parquet cache."""
+    from visgen.data.token_cache import build_token_cache
+
+    model_dir = _trained_image_tokenizer(spec)
+    tok = spec.paths.text_tokenizer
+    if not tok.is_file():
+        raise FileNotFoundError(f"no text tokenizer at {tok}; run `visgen data tokenizer --pipeline ...` first")
+    init_ray()
+    return build_token_cache(spec.data.ingest, str(tok), str(model_dir), str(spec.paths.token_cache),
+                             spec.token_cache, str(spec.paths.quarantine), force=force)
+
+
+def _trained_image_tokenizer(spec: PipelineSpec) -> Path:
+    model_dir = spec.paths.models / "image_tokenizer"
+    if not (model_dir / "image_tokenizer.json").is_file():
+        raise FileNotFoundError(f"no trained image tokenizer in {model_dir}; run `visgen train tokenizer --pipeline ...` first")
+    return model_dir
+
+
+def train_lm(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
+    """Train the transformer on the token cache (resumes the run when checkpoints exist)."""
+    from visgen.train.lm import RUN_NAME, train_lm as _train
+
+    cache = spec.paths.token_cache
+    if not (cache / "manifest.json").is_file():
+        raise FileNotFoundError(f"no token cache in {cache}; run `visgen data token-cache --pipeline ...` first")
+    init_ray()
+    lm = spec.lm
+    return _train(lm.model, lm.recipe, lm.train, lm.scaling, cache_dir=cache,
+                  image_tokenizer_dir=_trained_image_tokenizer(spec), text_tokenizer=spec.paths.text_tokenizer,
+                  workdir=spec.workdir, sampling=spec.sampling, tracking=spec.tracking,
+                  params={"pipeline": spec.dump()}, run_name=run_name or RUN_NAME, crash_at=crash_at)
+
+
+def bundle(spec: PipelineSpec) -> Path:
+    """Assemble ``<workdir>/models/bundle`` from the trained transformer and tokenizers."""
+    from visgen.pipeline import write_bundle
+
+    lm_dir = spec.paths.models / "lm"
+    if not (lm_dir / "lm.json").is_file():
+        raise FileNotFoundError(f"no trained transformer in {lm_dir}; run `visgen train lm --pipeline ...` first")
+    out = write_bundle(spec.paths.bundle, lm_dir=lm_dir, image_tokenizer_dir=_trained_image_tokenizer(spec),
+                       text_tokenizer=spec.paths.text_tokenizer, sampling=spec.sampling,
+                       extra={"pipeline": spec.name, "shards": _source_signature(_shard_list(spec))})
+    log.info("bundle written to %s", out)
+    return out
+
+
+def _shard_list(spec: PipelineSpec) -> list[str]:
+    from visgen.data.sources import expand_source
+
+    return expand_source(spec.data.ingest.source)
+
+
+def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: str | None = None) -> dict:
+    """GenEval-shapes and the caption benchmark on the bundle (default: the pipeline's own)."""
+    from visgen.eval.bundle import evaluate_bundle
+    from visgen.train.lm import RUN_NAME
+
+    d = Path(bundle_dir) if bundle_dir else spec.paths.bundle
+    if not (d / "manifest.json").is_file():
+        raise FileNotFoundError(f"no model bundle in {d}; run `visgen train lm --pipeline ...` (it writes the bundle) first")
+    init_ray()
+    return evaluate_bundle(d, ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions,
+                           workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME)
+
+
 def _banner(i: int, n: int, title: str) -> float:
     print(f"\n=== [{i}/{n}] {title} ===", flush=True)
     return time.perf_counter()
@@ -105,11 +173,11 @@ def _banner(i: int, n: int, title: str) -> float:
 
 def run_pipeline(spec: PipelineSpec) -> dict:
     """The main job: every stage in order. Stages whose artifact is up to date are skipped by the
-    stage itself (shards by config hash, the text tokenizer by config + shard list, training by
-    its checkpoints)."""
+    stage itself (shards by config hash, the text tokenizer by config + shard list, the token
+    cache by its manifest, training by its checkpoints)."""
     t_start = time.perf_counter()
     summary: dict = {"pipeline": spec.name, "workdir": spec.workdir}
-    steps = 5
+    steps = 8
     t = _banner(1, steps, "shapes shards (Ray tasks)")
     if spec.data.synth is not None:
         print(synth(spec).format())
@@ -137,6 +205,23 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     ev = eval_tokenizer(spec)
     summary["image_tokenizer_eval"] = {k: ev[k] for k in ("psnr", "ssim", "usage", "perplexity", "n_images") if k in ev}
     summary["eval_tokenizer_s"] = round(time.perf_counter() - t, 1)
+
+    t = _banner(6, steps, "token cache (Ray Data, frozen image tokenizer as an actor pool)")
+    cache = token_cache(spec)
+    print(cache.format())
+    summary["token_cache_s"] = round(time.perf_counter() - t, 1)
+
+    t = _banner(7, steps, "transformer: text -> image and image -> text (Ray Train)")
+    lm = train_lm(spec)
+    summary["lm"] = {"model_dir": str(lm.model_dir), "steps": lm.fit.step,
+                     **{k: round(v, 4) for k, v in lm.metrics.items() if k.endswith("loss")}}
+    summary["bundle"] = str(bundle(spec))
+    summary["train_lm_s"] = round(time.perf_counter() - t, 1)
+
+    t = _banner(8, steps, "evaluate: GenEval-shapes (text -> image) and captions (image -> text)")
+    ev = eval_lm(spec)
+    summary["lm_eval"] = {k: ev[k] for k in ev if k.startswith(("geneval_", "caption_")) and not isinstance(ev[k], dict)}
+    summary["eval_lm_s"] = round(time.perf_counter() - t, 1)
     summary["total_s"] = round(time.perf_counter() - t_start, 1)
     return summary
 
@@ -147,7 +232,10 @@ def where_to_look(spec: PipelineSpec) -> str:
     uri = resolve_tracking_uri(spec.tracking, spec.workdir)
     lines = [f"artifacts:        {spec.workdir}",
              f"quarantine table: {spec.paths.quarantine}",
-             f"tokenizer eval:   {spec.paths.eval / 'image_tokenizer.json'}"]
+             f"tokenizer eval:   {spec.paths.eval / 'image_tokenizer.json'}",
+             f"model eval:       {spec.paths.eval / 'lm.json'}  (generated images: {spec.paths.eval / 'geneval'})",
+             f"model bundle:     {spec.paths.bundle}",
+             f"try it:           visgen generate \"a red circle left of a blue square\" -o out.png --bundle {spec.paths.bundle}"]
     if uri.startswith("sqlite:"):
         lines.append(f"MLflow UI:        mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     else:

@@ -27,11 +27,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pydantic import Field
 
+from visgen.config import Section
 from visgen.data import captions as grammar
 from visgen.data.shapes import Prompt, Scene
 
 SLOT_KINDS = ("shape", "count", "color", "size", "relation")
+
+
+class CaptionEvalConfig(Section):
+    """The caption benchmark: held-out renders captioned by the model, scored against their ground truth."""
+
+    samples: int = Field(256, ge=1, le=1_000_000, description="Held-out images to caption (the first N of the held-out shards).")
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="Caption sampling temperature; 0 = greedy.")
+    batch_size: int = Field(128, ge=1, le=8192, description="Images captioned per model call.")
+    references: int = Field(4, ge=1, le=64, description="Reference captions per image for BLEU (the grammar's synonyms).")
 
 
 def parse(text: str) -> tuple[Prompt, bool]:

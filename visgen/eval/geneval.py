@@ -464,6 +464,7 @@ class GenEvalConfig(Section):
     """Which prompts the GenEval-style benchmark runs and how many images each gets."""
 
     prompt_set: str | None = Field(None, description="Prompt JSONL; None = the committed geneval_shapes_v1.jsonl.")
+    judge: str | None = Field(None, description="Judge directory (judge.safetensors + judge.json); None = the judge shipped with visgen.")
     images_per_prompt: int = Field(4, ge=1, le=64, description="Images generated per prompt (GenEval uses 4).")
     limit_per_task: int | None = Field(None, ge=1, description="Use only the first N prompts per task and language (quick runs).")
     languages: tuple[Literal["en", "zh"], ...] = Field(("en", "zh"), min_length=1, description="Prompt languages to run.")

@@ -677,6 +677,16 @@ def _train_judge(cfg: JudgeConfig, out_dir, measure: bool, t0: float) -> Judge:
     return judge
 
 
+#: The judge shipped with visgen (default JudgeConfig, trained by ``visgen eval judge --train``):
+#: every benchmark run scores with the same instrument unless a spec names another.
+DEFAULT_JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
+
+
+def load_judge(path: str | Path | None = None) -> Judge:
+    """The judge in ``path``; None = the shipped default judge."""
+    return Judge.load(DEFAULT_JUDGE_DIR if path is None else path)
+
+
 def load_or_train_judge(path: str | Path, cfg: JudgeConfig | None = None, retrain: bool = False) -> Judge:
     """The judge saved at ``path``; trained (and saved there) when missing, when ``retrain``, or when
     ``cfg`` differs from the config it was trained with."""

@@ -76,6 +76,7 @@ class Trainable:
 class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (H, W, 3) uint8
+    texts: dict[str, Any] = field(default_factory=dict)  # name -> JSON-able samples (e.g. captions)
 
 
 class TrainTask:
@@ -561,6 +562,8 @@ def _quick_eval(config: dict, task: TrainTask, env: WorkerEnv, trainable: Traina
     tracker.log_metrics(metrics, step)
     for name, image in res.images.items():
         tracker.log_image(image, name, step)
+    for name, data in res.texts.items():
+        tracker.log_dict({"step": step, name: data}, f"eval/{name}_step{step:07d}.json")
     if metrics:
         log.info("eval @ step %d: %s", step, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

@@ -1,0 +1,572 @@
+"""VisGPT: one decoder-only transformer over text and image tokens.
+
+Text → image, image → text and image completion are one next-token model (DALL-E 1, LlamaGen,
+Chameleon, Janus) over a shared vocabulary::
+
+    [0, text_vocab)                          byte-level BPE ids; the specials sit at 0-7
+    [text_vocab, text_vocab + codebook_size) image codes of the VQ tokenizer, at an offset
+    ... up to a multiple of 64                unused (never emitted, never a target)
+
+Every sequence has the same fixed layout, length L = N + S + 4 with N image tokens and
+S = max_text_tokens + 1 text slots (text, ``<eos>``, ``<pad>`` up to S)::
+
+    t2i:  <bos> <t2i> [text <eos> <pad>...] <soi> img_0 ... img_{N-1} <eoi>
+    i2t:  <bos> <i2t> <soi> img_0 ... img_{N-1} <eoi> [text <eos> <pad>...]
+
+A fixed layout needs no attention padding mask (``is_causal`` SDPA, flash kernels on GPU) and
+gives every image token a fixed slot. The classifier-free-guidance "null" prompt is the text
+region ``[<null> <pad>...]``. Positions: a learned embedding per sequence slot plus a learned
+row + column embedding on image tokens, so the 2D grid is shared by both layouts.
+
+The loss is per-modality: image targets are scored against image codes only, text targets
+against text ids only (the specials other than ``<eos>`` excluded), so the model never spends
+probability on the wrong modality, and sampling applies the same restriction.
+
+Generation keeps a static KV cache in module buffers (``setup_cache``): shapes never change
+between decode steps, so ``torch.compile(mode="reduce-overhead")`` can capture the step as a
+CUDA graph. Sampling noise is a counter-based hash of (seed, step, token id) per row, so a seed
+gives the same output whatever else shares the batch (CFG doubling, serving batches).
+
+Pure PyTorch: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from visgen.config import Section, SpecError, validate_section
+from visgen.text.tokenizer import SPECIAL_TOKENS
+
+SPECIAL = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+BOS, EOS, PAD = SPECIAL["<bos>"], SPECIAL["<eos>"], SPECIAL["<pad>"]
+T2I, I2T, SOI, EOI, NULL = SPECIAL["<t2i>"], SPECIAL["<i2t>"], SPECIAL["<soi>"], SPECIAL["<eoi>"], SPECIAL["<null>"]
+TASK_T2I, TASK_I2T = 0, 1
+
+
+class GPTConfig(Section):
+    """Architecture of the transformer and the vocabulary/layout it is built for."""
+
+    # --- architecture --------------------------------------------------------------------
+    n_layer: int = Field(12, ge=1, le=256, description="Transformer blocks.")
+    n_head: int = Field(12, ge=1, le=256, description="Attention heads; d_model must divide by it.")
+    d_model: int = Field(768, ge=8, le=32768, description="Width of the residual stream.")
+    ffn_mult: float = Field(8 / 3, gt=0, le=16, description="SwiGLU hidden width = ffn_mult * d_model, rounded up to a multiple of 64.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings, attention probabilities and residual branches (training only).")
+    qk_norm: bool = Field(True, description="RMS-normalise queries and keys per head (Chameleon): keeps attention logits bounded.")
+    init_std: float = Field(0.02, gt=0, le=1.0, description="Std of the normal initialisation (residual projections scaled by 1/sqrt(2*n_layer)).")
+    # --- vocabulary and layout (derived from the other components in a pipeline spec) -----
+    text_vocab: int = Field(16384, ge=len(SPECIAL_TOKENS) + 1, le=1 << 20,
+                            description="Text ids [0, text_vocab) incl. the specials; = text_tokenizer.vocab_size.")
+    codebook_size: int = Field(16384, ge=2, le=1 << 20, description="Image codes; = the image tokenizer's codebook_size.")
+    grid: tuple[int, int] = Field((16, 16), description="Image tokens per column and row (h, w); = the tokenizer's latent grid.")
+    max_text_tokens: int = Field(64, ge=1, le=4096, description="Text tokens per caption/prompt (longer text is cut); = data.ingest.max_text_tokens.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows: text + image ids rounded up to a multiple of 64 (aligned matmuls)."""
+        return -(-(self.text_vocab + self.codebook_size) // 64) * 64
+
+    @property
+    def ffn_hidden(self) -> int:
+        return -(-int(self.ffn_mult * self.d_model) // 64) * 64
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "GPTConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} does not divide by n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / n_head = {self.head_dim} must be even")
+        if min(self.grid) < 1 or max(self.grid) > 1024:
+            raise ValueError(f"grid must be two sizes in [1, 1024], got {self.grid}")
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    # Unit tests: a few thousand parameters.
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, dropout=0.0),
+    # The 2-core CPU demo (32 px, 8x8 tokens): ~0.8 M parameters in the blocks.
+    "mini": dict(n_layer=4, n_head=4, d_model=128, dropout=0.0),
+    # CPU experiments / a small GPU run: ~2.7 M parameters in the blocks.
+    "small": dict(n_layer=6, n_head=4, d_model=192, dropout=0.1),
+    # GPU scale: 12 x 768 (~85 M in the blocks, ~105 M with a 24k vocabulary), LlamaGen-B-like.
+    "base": dict(n_layer=12, n_head=12, d_model=768, dropout=0.1),
+}
+
+
+def gpt_config(preset: str = "small", **overrides) -> GPTConfig:
+    """A preset with overrides, validated: ``gpt_config("tiny", text_vocab=512, grid=(4, 4))``."""
+    if preset not in PRESETS:
+        raise SpecError(f"unknown GPT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return validate_section(GPTConfig, {**PRESETS[preset], **overrides}, where="lm.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence layout
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Index arithmetic of the two fixed sequence layouts (see the module docstring)."""
+
+    n_image: int  # N
+    text_slots: int  # S = max_text_tokens + 1
+    text_vocab: int
+
+    @property
+    def length(self) -> int:
+        return self.n_image + self.text_slots + 4
+
+    # t2i: <bos> <t2i> [S text slots] <soi> [N image] <eoi>
+    @property
+    def t2i_text(self) -> slice:
+        return slice(2, 2 + self.text_slots)
+
+    @property
+    def t2i_soi(self) -> int:
+        return 2 + self.text_slots
+
+    @property
+    def t2i_image(self) -> slice:
+        return slice(self.t2i_soi + 1, self.t2i_soi + 1 + self.n_image)
+
+    # i2t: <bos> <i2t> <soi> [N image] <eoi> [S text slots]
+    @property
+    def i2t_image(self) -> slice:
+        return slice(3, 3 + self.n_image)
+
+    @property
+    def i2t_eoi(self) -> int:
+        return 3 + self.n_image
+
+    @property
+    def i2t_text(self) -> slice:
+        return slice(self.i2t_eoi + 1, self.i2t_eoi + 1 + self.text_slots)
+
+    def text_region(self, ids: Sequence[int] | None) -> list[int]:
+        """``ids`` (cut to S - 1) + ``<eos>`` + ``<pad>``s; ``None`` is the null prompt ``<null> <pad>...``."""
+        if ids is None:
+            return [NULL] + [PAD] * (self.text_slots - 1)
+        ids = [int(i) for i in ids][: self.text_slots - 1]
+        bad = [i for i in ids if not len(SPECIAL_TOKENS) <= i < self.text_vocab]
+        if bad:
+            raise ValueError(f"text ids must be non-special ids in [{len(SPECIAL_TOKENS)}, {self.text_vocab}); got {bad[:5]}")
+        return ids + [EOS] + [PAD] * (self.text_slots - 1 - len(ids))
+
+    def t2i(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(B, S) text regions + (B, N) codes → (B, L) token ids."""
+        b = text.shape[0]
+        col = lambda v: torch.full((b, 1), v, dtype=torch.long, device=text.device)  # noqa: E731
+        return torch.cat([col(BOS), col(T2I), text, col(SOI), image + self.text_vocab, col(EOI)], dim=1)
+
+    def i2t(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        b = text.shape[0]
+        col = lambda v: torch.full((b, 1), v, dtype=torch.long, device=text.device)  # noqa: E731
+        return torch.cat([col(BOS), col(I2T), col(SOI), image + self.text_vocab, col(EOI), text], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Static per-layer cache: (B, H, L, Dh) key and value buffers written in place at ``input_pos``."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, s, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if input_pos is not None:  # incremental: attend over the whole static cache, masked to the past
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, H, L, Dh)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), input_pos, mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class VisGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, w = cfg.grid
+        self.layout = Layout(n_image=h * w, text_slots=cfg.max_text_tokens + 1, text_vocab=cfg.text_vocab)
+        L, d = self.layout.length, cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos_emb = nn.Embedding(L, d)
+        self.row_emb, self.col_emb = nn.Embedding(h, d), nn.Embedding(w, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+
+        # Per task and sequence slot: which image cell sits there (N = "not an image token").
+        n, lay = self.layout.n_image, self.layout
+        slot = torch.full((2, L), n, dtype=torch.long)
+        slot[TASK_T2I, lay.t2i_image] = torch.arange(n)
+        slot[TASK_I2T, lay.i2t_image] = torch.arange(n)
+        self.register_buffer("image_slot", slot, persistent=False)
+        self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
+        # Text positions may emit any text id and <eos>, never another special.
+        blocked = torch.zeros(cfg.text_vocab, dtype=torch.bool)
+        blocked[: len(SPECIAL_TOKENS)] = True
+        blocked[EOS] = False
+        self.register_buffer("text_blocked", blocked, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                continue  # norm gains stay at 1
+            scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("proj.weight", "down.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb, self.row_emb, self.col_emb))
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 N + 12 L d T (PaLM's MFU formula)."""
+        t = seq_len or self.layout.length
+        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.n_layer * self.cfg.d_model * t
+
+    # -- forward ----------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """(B, s) ids at slots ``positions`` (s,) of layout ``task`` (B,) → (B, s, d)."""
+        n = self.layout.n_image
+        w = self.cfg.grid[1]
+        cells = torch.arange(n, device=tokens.device)
+        cell = self.row_emb(cells // w) + self.col_emb(cells % w)  # (N, d)
+        cell = torch.cat([cell, cell.new_zeros(1, cell.shape[1])])  # row N: not an image slot
+        slot = self.image_slot[task][:, positions]  # (B, s)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions) + cell[slot])
+
+    def hidden(self, tokens: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Full causal pass over whole sequences (B, L) → final-norm hidden states (B, L, d)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens, positions, task)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) → (..., codebook_size): the head restricted to image codes."""
+        off = self.cfg.text_vocab
+        return F.linear(h, self.head.weight[off: off + self.cfg.codebook_size])
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) → (..., text_vocab): the head restricted to text ids, specials but <eos> at -inf."""
+        logits = F.linear(h, self.head.weight[: self.cfg.text_vocab])
+        return logits.masked_fill(self.text_blocked, float("-inf"))
+
+    def forward(self, tokens: torch.Tensor, n_t2i: int, z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training forward = :meth:`loss` (what DDP and ``torch.compile`` wrap)."""
+        return self.loss(tokens, n_t2i, z_loss)
+
+    def loss(self, tokens: torch.Tensor, n_t2i: int, z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Next-token loss of a batch whose first ``n_t2i`` rows are t2i sequences, the rest i2t.
+
+        t2i rows are scored on their N image tokens, i2t rows on their text and ``<eos>`` (pads
+        ignored), each restricted to its modality. The batch loss weights rows equally, so the
+        t2i/i2t mix of the batch is the mix of the objective. ``z_loss`` adds that weight times
+        the mean squared log-partition of the scored logits (keeps logits from drifting).
+        """
+        b = tokens.shape[0]
+        n_i2t = b - n_t2i
+        task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
+        task[n_t2i:] = TASK_I2T
+        h = self.hidden(tokens, task)  # (B, L, d)
+        lay = self.layout
+        total = h.new_zeros(())
+        logs: dict[str, torch.Tensor] = {}
+        if n_t2i:
+            pred = slice(lay.t2i_soi, lay.t2i_soi + lay.n_image)  # positions predicting image tokens
+            logits = self.image_logits(h[:n_t2i, pred]).float()  # (n, N, K)
+            target = tokens[:n_t2i, lay.t2i_image] - self.cfg.text_vocab  # (n, N)
+            img = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            total = total + img * (n_t2i / b)
+            logs["t2i_loss"] = img.detach()
+            if z_loss:
+                total = total + z_loss * (n_t2i / b) * logits.logsumexp(-1).pow(2).mean()
+        if n_i2t:
+            pred = slice(lay.i2t_eoi, lay.i2t_eoi + lay.text_slots)
+            logits = self.text_logits(h[n_t2i:, pred]).float()  # (m, S, V_text)
+            target = tokens[n_t2i:, lay.i2t_text].clone()  # (m, S)
+            target[target == PAD] = -100
+            txt = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+            total = total + txt * (n_i2t / b)
+            logs["i2t_loss"] = txt.detach()
+            if z_loss:
+                lse = logits.logsumexp(-1)[target != -100]
+                total = total + z_loss * (n_i2t / b) * lse.pow(2).mean()
+        return total, logs
+
+    # -- incremental decoding ---------------------------------------------------------------------
+    def setup_cache(self, batch: int, device=None, dtype: torch.dtype | None = None) -> None:
+        """(Re)allocate the static KV cache for ``batch`` sequences; a no-op when it already fits."""
+        p = self.head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        first = self.blocks[0].attn.kv_cache
+        if first is not None and first.k.shape[0] == batch and first.k.device == torch.device(device) \
+                and first.k.dtype == dtype:
+            return
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch, self.cfg.n_head, self.layout.length, self.cfg.head_dim, dtype, device)
+
+    def compile_decode(self, mode: str = "reduce-overhead") -> None:
+        """``torch.compile`` the one-token decode step (GPU: CUDA graphs over the static cache)."""
+        self._decode_step = torch.compile(self.forward_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def forward_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Run ``tokens`` (B, s) at slots ``input_pos`` (s,) through the cache → hidden (B, s, d)."""
+        x = self.embed(tokens, input_pos, task)
+        mask = self.causal[input_pos][None, None]  # (1, 1, s, L): each new token sees itself and the past
+        for block in self.blocks:
+            x = block(x, input_pos, mask)
+        return self.norm(x)
+
+    def _step(self, seq: torch.Tensor, pos: int, task: torch.Tensor, use_cache: bool, prefill: bool) -> torch.Tensor:
+        """Hidden state at slot ``pos`` (B, d), given ``seq[:, :pos + 1]``."""
+        if not use_cache:
+            return self.hidden(seq[:, : pos + 1], task)[:, -1]
+        if prefill:
+            return self.forward_step(seq[:, : pos + 1], torch.arange(pos + 1, device=seq.device), task)[:, -1]
+        step_fn = getattr(self, "_decode_step", None) or self.forward_step
+        return step_fn(seq[:, pos: pos + 1], torch.tensor([pos], device=seq.device), task)[:, -1]
+
+    @torch.no_grad()
+    def generate_images(self, text: torch.Tensor, seeds: torch.Tensor, *, cfg_scale: float = 1.0,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        prefix: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Sample image codes (B, N) for text regions (B, S) (see :meth:`Layout.text_region`).
+
+        ``cfg_scale`` != 1 runs the null prompt alongside (the batch doubled) and samples from
+        ``uncond + cfg_scale * (cond - uncond)``. ``prefix`` (B, P) fixes the first P codes
+        (raster order: whole rows above a cut) and samples the rest: completion / editing.
+        ``seeds`` (B,) int64: row i's samples depend only on seeds[i] and its own logits.
+        """
+        lay, dev = self.layout, self.head.weight.device
+        b = text.shape[0]
+        p = 0 if prefix is None else prefix.shape[1]
+        if not 0 <= p <= lay.n_image:
+            raise ValueError(f"prefix has {p} codes; the image has {lay.n_image}")
+        guided = cfg_scale != 1.0
+        rows = torch.cat([text, self._null_text(b, dev)]) if guided else text  # (B or 2B, S)
+        image = torch.zeros(rows.shape[0], lay.n_image, dtype=torch.long, device=dev)
+        if p:
+            image[:, :p] = prefix.repeat(2, 1) if guided else prefix
+        seq = lay.t2i(rows.to(dev), image)  # (B', L); image slots after the prefix get overwritten
+        task = torch.full((seq.shape[0],), TASK_T2I, dtype=torch.long, device=dev)
+        if use_cache:
+            self.setup_cache(seq.shape[0])
+        first = lay.t2i_soi + p  # slot whose output predicts code p
+        for i in range(p, lay.n_image):
+            pos = first + (i - p)
+            h = self._step(seq, pos, task, use_cache, prefill=i == p)
+            logits = self.image_logits(h).float()  # (B', K)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            code = sample(logits, seeds, i, temperature, top_k, top_p)  # (B,)
+            seq[:, pos + 1] = (code.repeat(2) if guided else code) + lay.text_vocab
+        return seq[:b, lay.t2i_image] - lay.text_vocab
+
+    @torch.no_grad()
+    def generate_text(self, image: torch.Tensor, seeds: torch.Tensor, *, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, use_cache: bool = True) -> list[list[int]]:
+        """Caption codes (B, N): text ids per row, up to ``<eos>`` (excluded). ``temperature=0`` is greedy."""
+        lay, dev = self.layout, self.head.weight.device
+        b = image.shape[0]
+        filler = torch.full((b, lay.text_slots), PAD, dtype=torch.long, device=dev)
+        seq = lay.i2t(image.to(dev), filler)
+        task = torch.full((b,), TASK_I2T, dtype=torch.long, device=dev)
+        if use_cache:
+            self.setup_cache(b)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        last = lay.text_slots - 1
+        for j in range(lay.text_slots):
+            pos = lay.i2t_eoi + j
+            h = self._step(seq, pos, task, use_cache, prefill=j == 0)
+            logits = self.text_logits(h).float()  # (B, V_text)
+            if j == last:  # the last slot can only close the text
+                tok = torch.full((b,), EOS, dtype=torch.long, device=dev)
+            else:
+                tok = sample(logits, seeds, j, temperature, top_k, top_p)
+            tok = torch.where(done, torch.full_like(tok, PAD), tok)
+            seq[:, pos + 1] = tok
+            done |= tok == EOS
+            if bool(done.all()):
+                break
+        out = []
+        for row in seq[:, lay.i2t_text].tolist():
+            out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
+        return out
+
+    def _null_text(self, b: int, device) -> torch.Tensor:
+        return torch.tensor([self.layout.text_region(None)] * b, dtype=torch.long, device=device)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors (multipliers < 2**31, so nothing overflows int64)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, step: int, ids: int | torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) for token ids ``ids`` ((B, k) tensor, or an int n for ids 0..n-1 in every
+    row): a pure function of (seeds[b], step, id), so filtering the candidates never changes the
+    noise a token gets."""
+    if isinstance(ids, int):
+        ids = torch.arange(ids, device=seeds.device, dtype=torch.long)[None, :]
+    seeds = seeds.long()[:, None]
+    hi = _mix32((seeds >> 32) + 0x632BE5AB)
+    key = _mix32((seeds & _M32) * 0x5BD1E995 + hi + _mix32(torch.tensor(step, device=seeds.device) * 0x27D4EB2F + 1))
+    x = _mix32(key ^ _mix32(ids.long() + 0x1B873593))
+    return (x.double() + 0.5) / 4294967296.0
+
+
+def sample(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """One id per row of ``logits`` (B, V): greedy at temperature 0, else top-k / top-p filtered
+    sampling by the Gumbel-max trick with per-row counter-based noise (drawn only for the
+    candidates that survive top-k)."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if seeds.shape != logits.shape[:1]:
+        raise ValueError(f"one seed per row: {tuple(seeds.shape)} seeds for {logits.shape[0]} rows")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    ids = None  # candidate token ids per row when filtered, (B, k)
+    if 0 < top_k < logits.shape[-1]:
+        logits, ids = logits.topk(top_k, dim=-1)  # sorted, descending
+    if top_p < 1.0:
+        if ids is None:
+            logits, ids = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop, float("-inf"))
+    noise = uniform_noise(seeds, step, ids if ids is not None else logits.shape[-1])
+    choice = (logits - torch.log(-torch.log(noise)).float()).argmax(-1)
+    return ids.gather(1, choice[:, None])[:, 0] if ids is not None else choice
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load: safetensors + JSON, never a pickle
+# ---------------------------------------------------------------------------------------------
+WEIGHTS_FILE, CONFIG_FILE = "lm.safetensors", "lm.json"
+
+
+def save_gpt(model: VisGPT, directory: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / WEIGHTS_FILE))
+    meta = {"format": "visgen-lm/1", "config": model.cfg.model_dump(mode="json"), "fingerprint": model.fingerprint(),
+            "params": model.num_params()}
+    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return d
+
+
+def load_gpt(directory: str | Path, device: str | torch.device = "cpu") -> VisGPT:
+    """Rebuild a model written by :func:`save_gpt`, in eval mode; checks the fingerprint."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d / f} is missing: not a saved VisGPT (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
+    meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    model = VisGPT(validate_section(GPTConfig, meta["config"], where=str(d / CONFIG_FILE)))
+    model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+    if meta.get("fingerprint") and model.fingerprint() != meta["fingerprint"]:
+        raise ValueError(f"{d / WEIGHTS_FILE} does not match the fingerprint in {d / CONFIG_FILE}: the files are from different models")
+    return model.to(device).eval()

@@ -1,0 +1,317 @@
+"""The inference API: a model bundle loaded as one object that draws, captions and edits.
+
+    pipe = visgen.Pipeline.load("work/shapes-32/models/bundle")     # or "models:/visgen@champion"
+    images = pipe.generate(["a red circle left of a blue square", "两个绿色的三角形"], n=4, seed=0)
+    texts = pipe.caption(images)
+    edited = pipe.edit(images[0], "a red circle left of a yellow square", keep_rows=3)
+
+A bundle is a directory (an MLflow artifact directory once registered)::
+
+    manifest.json                  format, fingerprints, configs, sampling defaults, library versions
+    image_tokenizer.safetensors    + image_tokenizer.json   (visgen.models.vq)
+    lm.safetensors                 + lm.json                (visgen.models.gpt)
+    text_tokenizer.json            byte-level BPE (HF tokenizers JSON)
+    eval.json                      evaluation results, once evaluated
+
+Loading reads only safetensors and JSON, never a pickle, and checks that the three parts fit
+together (codebook size, token grid, text vocabulary, fingerprints recorded in the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from visgen.config import Section
+
+log = logging.getLogger("visgen")
+
+BUNDLE_FORMAT = "visgen-bundle/1"
+MANIFEST, EVAL_FILE, TEXT_TOKENIZER_FILE = "manifest.json", "eval.json", "text_tokenizer.json"
+
+
+class SamplingConfig(Section):
+    """Default sampling settings of text → image generation and captioning (each call may override them)."""
+
+    cfg_scale: float = Field(3.0, ge=1.0, le=50.0, description="Classifier-free guidance scale of text → image; 1 = no guidance.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Softmax temperature of image sampling; 0 = greedy.")
+    top_k: int = Field(0, ge=0, le=1 << 20, description="Sample image codes among the k most likely only; 0 = all.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of image codes: the smallest set holding this probability.")
+    caption_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature of captioning; 0 = greedy.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundles
+# ---------------------------------------------------------------------------------------------
+def write_bundle(out_dir: str | Path, *, lm_dir: str | Path, image_tokenizer_dir: str | Path,
+                 text_tokenizer: str | Path, sampling: SamplingConfig | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Assemble a bundle from the trained parts (copied; written to a temp dir, then swapped in)."""
+    from visgen import __version__
+    from visgen.models.gpt import CONFIG_FILE as LM_JSON, WEIGHTS_FILE as LM_WEIGHTS
+    from visgen.models.vq import CONFIG_FILE as VQ_JSON, WEIGHTS_FILE as VQ_WEIGHTS
+    from visgen.text.tokenizer import TextTokenizer
+
+    out = Path(out_dir)
+    lm_meta = json.loads((Path(lm_dir) / LM_JSON).read_text(encoding="utf-8"))
+    vq_meta = json.loads((Path(image_tokenizer_dir) / VQ_JSON).read_text(encoding="utf-8"))
+    tok = TextTokenizer.load(text_tokenizer)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for src, name in ((Path(lm_dir) / LM_WEIGHTS, LM_WEIGHTS), (Path(lm_dir) / LM_JSON, LM_JSON),
+                      (Path(image_tokenizer_dir) / VQ_WEIGHTS, VQ_WEIGHTS),
+                      (Path(image_tokenizer_dir) / VQ_JSON, VQ_JSON)):
+        shutil.copy2(src, tmp / name)
+    tok.save(tmp / TEXT_TOKENIZER_FILE)
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "visgen_version": __version__,
+        "torch_version": torch.__version__,
+        "lm": {"fingerprint": lm_meta["fingerprint"], "config": lm_meta["config"], "params": lm_meta.get("params")},
+        "image_tokenizer": {"fingerprint": vq_meta["fingerprint"], "config": vq_meta["config"]},
+        "text_tokenizer": {"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
+        "sampling": (sampling or SamplingConfig()).model_dump(mode="json"),
+        **(extra or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {bundle_dir} is not a visgen bundle "
+                                f"(expected {MANIFEST}, lm.safetensors, image_tokenizer.safetensors, {TEXT_TOKENIZER_FILE})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT!r}")
+    return manifest
+
+
+def write_bundle_eval(bundle_dir: str | Path, results: dict) -> Path:
+    """Store evaluation results in the bundle (``eval.json``) and their headline numbers in the manifest."""
+    d = Path(bundle_dir)
+    manifest = read_manifest(d)
+    (d / EVAL_FILE).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    manifest["eval"] = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return d / EVAL_FILE
+
+
+def resolve_bundle(source: str | Path) -> Path:
+    """A local bundle directory for ``source``: a path, or an MLflow URI (``models:/visgen@champion``,
+    ``runs:/<id>/bundle``) downloaded to a temporary directory."""
+    s = str(source)
+    if "://" not in s and not s.startswith(("models:/", "runs:/")):
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"bundle {s!r} does not exist (a bundle directory or an MLflow URI like models:/visgen@champion)")
+        return p
+    import mlflow
+
+    dst = tempfile.mkdtemp(prefix="visgen-bundle-")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=dst))
+    if not (local / MANIFEST).is_file():  # a model version whose artifacts hold the bundle one level down
+        found = [p.parent for p in local.rglob(MANIFEST)]
+        if len(found) != 1:
+            raise FileNotFoundError(f"{s} has no single {MANIFEST} in its artifacts (found {len(found)})")
+        local = found[0]
+    return local
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline object
+# ---------------------------------------------------------------------------------------------
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Pipeline:
+    """Text → image, image → text and editing with one loaded bundle (models in eval mode)."""
+
+    def __init__(self, lm, image_tokenizer, text_tokenizer, manifest: dict | None = None,
+                 sampling: SamplingConfig | None = None, source: str | None = None):
+        self.lm, self.vq, self.tokenizer = lm, image_tokenizer, text_tokenizer
+        self.manifest = manifest or {}
+        self.sampling = sampling or SamplingConfig()
+        self.source = source
+        self._check_parts()
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str | Path, device: str | torch.device = "auto") -> "Pipeline":
+        """From a bundle directory or an MLflow model URI (``models:/visgen@champion``)."""
+        from visgen.models.gpt import load_gpt
+        from visgen.models.vq import load_vq
+        from visgen.text.tokenizer import TextTokenizer
+
+        d = resolve_bundle(source)
+        manifest = read_manifest(d)
+        dev = _device(device)
+        lm, vq = load_gpt(d, device=dev), load_vq(d, device=dev)
+        tok = TextTokenizer.load(d / TEXT_TOKENIZER_FILE)
+        for part, fp in (("lm", lm.fingerprint()), ("image_tokenizer", vq.fingerprint()),
+                         ("text_tokenizer", tok.fingerprint())):
+            want = manifest.get(part, {}).get("fingerprint")
+            if want and want != fp:
+                raise ValueError(f"{d}: {part} fingerprint {fp[:12]} differs from the manifest's {want[:12]}: "
+                                 "the bundle's files are from different models")
+        sampling = SamplingConfig.model_validate(manifest.get("sampling") or {})
+        return cls(lm, vq, tok, manifest=manifest, sampling=sampling, source=str(source))
+
+    def _check_parts(self) -> None:
+        cfg = self.lm.cfg
+        if cfg.codebook_size != self.vq.num_codes or tuple(cfg.grid) != tuple(self.vq.grid_shape):
+            raise ValueError(f"the LM expects {cfg.codebook_size} codes on a {cfg.grid} grid but the image tokenizer has "
+                             f"{self.vq.num_codes} codes on {self.vq.grid_shape}: they were not trained together")
+        if self.tokenizer.vocab_size > cfg.text_vocab:
+            raise ValueError(f"the text tokenizer has {self.tokenizer.vocab_size} ids but the LM only {cfg.text_vocab}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.head.weight.device
+
+    @property
+    def resolution(self) -> int:
+        return self.vq.cfg.resolution
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.lm.cfg.grid)
+
+    def info(self) -> dict:
+        m = self.manifest
+        return {"source": self.source, "resolution": self.resolution, "grid": list(self.grid),
+                "lm_params": self.lm.num_params(), "lm_fingerprint": m.get("lm", {}).get("fingerprint"),
+                "image_tokenizer_fingerprint": m.get("image_tokenizer", {}).get("fingerprint"),
+                "created": m.get("created"), "eval": m.get("eval", {}), "sampling": self.sampling.model_dump()}
+
+    # -- building blocks -------------------------------------------------------------------------
+    def text_regions(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts → (B, S) text regions (cut to max_text_tokens; any language the tokenizer reads)."""
+        lay = self.lm.layout
+        ids = self.tokenizer.encode_batch([_check_text(p) for p in prompts], max_length=lay.text_slots - 1)
+        return torch.tensor([lay.text_region(i) for i in ids], dtype=torch.long, device=self.device)
+
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images (arrays, PIL images or paths) → codes (B, N), resized to the model's resolution."""
+        from visgen.models.vq import to_model_input
+
+        arr = np.stack([_to_array(im, self.resolution) for im in images])
+        with torch.no_grad():
+            ids = self.vq.encode(to_model_input(arr).to(self.device))  # (B, h, w)
+        return ids.flatten(1)
+
+    def decode_codes(self, codes: torch.Tensor) -> list[np.ndarray]:
+        from visgen.models.vq import to_uint8
+
+        h, w = self.grid
+        with torch.no_grad():
+            return list(to_uint8(self.vq.decode(codes.view(-1, h, w).to(self.device))))
+
+    def _sampling(self, cfg_scale, temperature, top_k, top_p) -> dict:
+        s = self.sampling
+        out = dict(cfg_scale=s.cfg_scale if cfg_scale is None else float(cfg_scale),
+                   temperature=s.temperature if temperature is None else float(temperature),
+                   top_k=s.top_k if top_k is None else int(top_k),
+                   top_p=s.top_p if top_p is None else float(top_p))
+        SamplingConfig(**out)  # same limits as the spec, with the same messages
+        return out
+
+    # -- the three tasks -------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], *, n: int = 1, seed: int = 0, cfg_scale: float | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 batch_size: int = 64) -> list[np.ndarray]:
+        """``n`` images per prompt, prompt-major: (H, W, 3) uint8 arrays. Image j of prompt i uses
+        seed ``seed + i * n + j``, so a seed reproduces its images whatever the batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        kw = self._sampling(cfg_scale, temperature, top_k, top_p)
+        todo = [p for p in prompts for _ in range(n)]
+        seeds = torch.arange(len(todo), dtype=torch.long) + int(seed)
+        out: list[np.ndarray] = []
+        for i in range(0, len(todo), batch_size):
+            text = self.text_regions(todo[i:i + batch_size])
+            codes = self.lm.generate_images(text, seeds[i:i + batch_size].to(self.device), **kw)
+            out.extend(self.decode_codes(codes))
+        return out
+
+    def caption(self, images: Any | Sequence[Any], *, seed: int = 0, temperature: float | None = None,
+                top_k: int = 0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
+        """One caption per image (greedy by default)."""
+        images = [images] if _is_single_image(images) else list(images)
+        temp = self.sampling.caption_temperature if temperature is None else float(temperature)
+        SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p)
+        out: list[str] = []
+        for i in range(0, len(images), batch_size):
+            codes = self.encode_images(images[i:i + batch_size])
+            seeds = torch.arange(i, i + codes.shape[0], device=self.device) + int(seed)
+            ids = self.lm.generate_text(codes, seeds, temperature=temp, top_k=top_k, top_p=top_p)
+            out.extend(self.tokenizer.decode(t) for t in ids)
+        return out
+
+    def edit(self, image: Any, prompt: str, *, keep_rows: int, seed: int = 0, cfg_scale: float | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+        """Keep the token rows above ``keep_rows`` of ``image`` and redraw the rest to match ``prompt``
+        (raster-order completion: only a suffix of rows can be regenerated)."""
+        h, w = self.grid
+        if not isinstance(keep_rows, int) or not 0 <= keep_rows <= h:
+            raise ValueError(f"keep_rows must be an integer in [0, {h}] (token rows of the {h}x{w} grid), got {keep_rows!r}")
+        kw = self._sampling(cfg_scale, temperature, top_k, top_p)
+        codes = self.encode_images([image])
+        text = self.text_regions([prompt])
+        out = self.lm.generate_images(text, torch.tensor([int(seed)], device=self.device),
+                                      prefix=codes[:, : keep_rows * w], **kw)
+        return self.decode_codes(out)[0]
+
+
+def _check_text(p: Any) -> str:
+    if not isinstance(p, str):
+        raise TypeError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+    return p
+
+
+def _is_single_image(x: Any) -> bool:
+    return isinstance(x, (str, Path)) or (isinstance(x, np.ndarray) and x.ndim == 3) or hasattr(x, "convert")
+
+
+def _to_array(image: Any, resolution: int) -> np.ndarray:
+    """uint8 (resolution, resolution, 3) from an array (H, W, 3) / (H, W), a PIL image or a file path."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    if hasattr(image, "convert"):  # PIL
+        image = image.convert("RGB")
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
+    arr = arr[..., :3]
+    if arr.shape[:2] != (resolution, resolution):
+        arr = np.asarray(Image.fromarray(arr).resize((resolution, resolution), Image.Resampling.BICUBIC))
+    return arr

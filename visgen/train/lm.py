@@ -1,0 +1,227 @@
+"""Train VisGPT on Ray Train from the token cache (the shared loop in ``loop.py``).
+
+Each step draws a global batch of cached (text ids, image codes) pairs and turns each row into
+one of the two sequences: a fixed share ``t2i_ratio`` of the rows (chosen at random per step)
+become text → image sequences, the rest image → text. A fixed count per batch keeps tensor
+shapes static (what ``torch.compile`` wants) and makes the mix exact. Among the t2i rows a
+share ``cond_dropout`` gets the null prompt, which teaches the unconditional model that
+classifier-free guidance needs.
+
+The quick eval (rank 0, every ``eval_every`` steps) logs the held-out loss of both directions,
+greedy captions of fixed held-out images with their slot accuracy, and a grid of images drawn
+for those images' captions under their VQ reconstructions; the captions go to MLflow as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from visgen.config import Section
+from visgen.models.gpt import GPTConfig, Layout, VisGPT, save_gpt
+from visgen.pipeline import SamplingConfig
+from visgen.train.config import ScalingConfig, TrainConfig
+from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit
+
+log = logging.getLogger("visgen.train")
+
+RUN_NAME = "lm"
+
+
+class LMRecipe(Section):
+    """What the transformer is trained on and how: the task mix, guidance dropout, extra losses."""
+
+    t2i_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of each batch trained as text → image; the rest is image → text.")
+    cond_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Share of text → image rows whose prompt is replaced by the null prompt (for CFG).")
+    z_loss: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the squared log-partition penalty on the scored logits (1e-4 at scale); 0 = off.")
+    compile: bool = Field(True, description="torch.compile the training forward on GPU (CPU runs eager).")
+    eval_images: int = Field(8, ge=0, le=64, description="Held-out captions drawn as images in each quick eval's grid.")
+
+
+def assemble(text_ids: Sequence[Sequence[int]], image_ids: np.ndarray | torch.Tensor, layout: Layout,
+             n_t2i: int, null: Sequence[bool] | None = None) -> torch.Tensor:
+    """Rows ``[:n_t2i]`` as t2i sequences (``null[i]``: null prompt), the rest as i2t → (B, L) long."""
+    image = torch.as_tensor(np.asarray(image_ids), dtype=torch.long)
+    null = list(null) if null is not None else [False] * n_t2i
+    regions = [layout.text_region(None if i < n_t2i and null[i] else t) for i, t in enumerate(text_ids)]
+    text = torch.tensor(regions, dtype=torch.long)
+    return torch.cat([layout.t2i(text[:n_t2i], image[:n_t2i]), layout.i2t(image[n_t2i:], text[n_t2i:])])
+
+
+def _image_matrix(column: Any) -> np.ndarray:
+    """A batch's ``image_ids`` column (2D array or array of 1D arrays) → (B, N) int64."""
+    arr = np.asarray(column)
+    return (np.stack([np.asarray(r) for r in arr]) if arr.dtype == object else arr).astype(np.int64)
+
+
+class LMTask(TrainTask):
+    """VisGPT as a :class:`TrainTask`: one module ``model``, one optimiser."""
+
+    name = "lm"
+    columns = ("text_ids", "image_ids")
+    log_keys = ("loss", "t2i_loss", "i2t_loss")
+
+    def __init__(self, cfg: GPTConfig, recipe: LMRecipe, sampling: SamplingConfig,
+                 image_tokenizer_dir: str | None = None, text_tokenizer: str | None = None):
+        self.cfg, self.recipe, self.sampling = cfg, recipe, sampling
+        self.image_tokenizer_dir, self.text_tokenizer = image_tokenizer_dir, text_tokenizer
+        self._vq = self._tok = None
+
+    def setup(self, env: WorkerEnv) -> Trainable:
+        self.model = VisGPT(self.cfg).to(env.device)
+        self.ddp_model = env.prepare(self.model)
+        self.forward = self.ddp_model
+        if env.device.type == "cuda" and self.recipe.compile:
+            self.forward = torch.compile(self.ddp_model)
+        return Trainable(modules={"model": self.model},
+                         param_groups={"model": decay_groups(self.model, env.train.weight_decay)})
+
+    def train_step(self, batch: dict[str, np.ndarray], env: WorkerEnv, step: int) -> dict[str, float]:
+        text, image = list(batch["text_ids"]), _image_matrix(batch["image_ids"])
+        b = len(text)
+        # Seeded by (seed, rank, step): a resumed run draws the same mix for the same step.
+        rng = np.random.default_rng([env.train.seed, env.rank, step])
+        order = rng.permutation(b)
+        n_t2i = int(round(self.recipe.t2i_ratio * b))
+        null = rng.random(n_t2i) < self.recipe.cond_dropout
+        tokens = assemble([text[i] for i in order], image[order], self.model.layout, n_t2i, null)
+        with env.autocast():
+            loss, parts = self.forward(tokens.to(env.device, non_blocking=True), n_t2i, self.recipe.z_loss)
+        logs = {k: float(v) for k, v in parts.items()}
+        logs["loss"] = float(loss.detach())
+        logs["grad_norm"] = env.optimizer_step("model", loss)
+        return logs
+
+    # -- quick eval ---------------------------------------------------------------------------------
+    def _parts(self, env: WorkerEnv):
+        from visgen.models.vq import load_vq
+        from visgen.text.tokenizer import TextTokenizer
+
+        if self._vq is None and self.image_tokenizer_dir:
+            self._vq = load_vq(self.image_tokenizer_dir, device=env.device)
+        if self._tok is None and self.text_tokenizer:
+            self._tok = TextTokenizer.load(self.text_tokenizer)
+        return self._vq, self._tok
+
+    def evaluate(self, env: WorkerEnv, batch: dict[str, np.ndarray], step: int) -> EvalResult:
+        from visgen.data.captions import slot_accuracy
+        from visgen.eval.captions import parse
+
+        m, lay = self.model, self.model.layout
+        text, image = list(batch["text_ids"]), _image_matrix(batch["image_ids"])
+        n = len(text)
+        _, t2i = m.loss(assemble(text, image, lay, n).to(env.device), n)
+        _, i2t = m.loss(assemble(text, image, lay, 0).to(env.device), 0)
+        metrics = {"t2i_loss": float(t2i["t2i_loss"]), "i2t_loss": float(i2t["i2t_loss"])}
+        vq, tok = self._parts(env)
+        codes = torch.as_tensor(image, device=env.device)
+        seeds = torch.arange(n, device=env.device)
+        texts: dict[str, Any] = {}
+        images: dict[str, np.ndarray] = {}
+        try:
+            if tok is not None:
+                captions = [tok.decode(ids) for ids in m.generate_text(codes, seeds)]
+                truth = [str(c) for c in batch["caption"]]
+                metrics["caption_slot_accuracy"] = float(np.mean(
+                    [slot_accuracy(parse(p)[0], parse(t)[0]) for p, t in zip(captions, truth)]))
+                texts["captions"] = [{"truth": t, "generated": p} for t, p in zip(truth, captions)]
+            k = min(self.recipe.eval_images, n)
+            if vq is not None and k:
+                from visgen.models.vq import to_uint8
+                from visgen.tracking import make_grid
+
+                s = self.sampling
+                drawn = m.generate_images(torch.tensor([lay.text_region(t) for t in text[:k]], device=env.device),
+                                          seeds[:k], cfg_scale=s.cfg_scale, temperature=s.temperature,
+                                          top_k=s.top_k, top_p=s.top_p)
+                h, w = self.cfg.grid
+                real = to_uint8(vq.decode(codes[:k].view(k, h, w)))
+                fake = to_uint8(vq.decode(drawn.view(k, h, w)))
+                images["samples"] = make_grid(np.concatenate([real, fake]), nrow=k)
+                if tok is not None:
+                    texts["prompts"] = [tok.decode(t) for t in text[:k]]
+        finally:
+            m.clear_cache()  # the cache buffers must not outlive the eval (DDP, checkpoints)
+        return EvalResult(metrics=metrics, images=images, texts=texts)
+
+    def export(self, env: WorkerEnv, directory: Path) -> Path:
+        return save_gpt(self.model, directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage function
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LMTrainResult:
+    model_dir: Path | None  # <workdir>/models/lm (save_gpt layout)
+    metrics: dict[str, float]
+    eval: dict[str, float]
+    fit: FitResult
+
+
+def _eval_batch(cache_dir: Path, n: int) -> dict[str, np.ndarray]:
+    from visgen.data.token_cache import read_token_rows
+
+    rows = []
+    try:
+        rows = read_token_rows(cache_dir, "holdout", n)
+    except (FileNotFoundError, ValueError):
+        pass
+    if not rows:
+        log.warning("the token cache has no held-out split: the quick eval uses training rows")
+        rows = read_token_rows(cache_dir, "train", n)
+    if not rows:
+        raise ValueError(f"the token cache {cache_dir} is empty: nothing to train the transformer on")
+    text = np.empty(len(rows), dtype=object)
+    text[:] = [list(map(int, r["text_ids"])) for r in rows]
+    return {"text_ids": text, "image_ids": np.stack([np.asarray(r["image_ids"], dtype=np.int64) for r in rows]),
+            "caption": np.array([str(r["caption"]) for r in rows], dtype=object)}
+
+
+def check_compatible(model: GPTConfig, image_tokenizer_dir: str | Path, text_tokenizer: str | Path) -> str:
+    """The LM config fits the trained tokenizers (codebook, grid, vocabulary); returns the VQ fingerprint."""
+    from visgen.models.vq import CONFIG_FILE
+    from visgen.text.tokenizer import TextTokenizer
+
+    meta = json.loads((Path(image_tokenizer_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    vq = meta["config"]
+    side = vq["resolution"] // 2 ** (len(vq["ch_mult"]) - 1)
+    if vq["codebook_size"] != model.codebook_size or (side, side) != tuple(model.grid):
+        raise ValueError(f"lm.model expects {model.codebook_size} codes on a {tuple(model.grid)} grid but the image tokenizer "
+                         f"in {image_tokenizer_dir} has {vq['codebook_size']} codes on ({side}, {side})")
+    tok = TextTokenizer.load(text_tokenizer)
+    if tok.vocab_size > model.text_vocab:
+        raise ValueError(f"the text tokenizer {text_tokenizer} has {tok.vocab_size} ids but lm.model.text_vocab is "
+                         f"{model.text_vocab}; set text_tokenizer.vocab_size >= {tok.vocab_size}")
+    return meta["fingerprint"]
+
+
+def train_lm(model: GPTConfig, recipe: LMRecipe, train: TrainConfig, scaling: ScalingConfig, *,
+             cache_dir: str | Path, image_tokenizer_dir: str | Path, text_tokenizer: str | Path,
+             workdir: str | Path, sampling: SamplingConfig | None = None, tracking: Any = None,
+             run_name: str = RUN_NAME, params: dict | None = None, crash_at: CrashAt | None = None) -> LMTrainResult:
+    """Train the transformer on the token cache; resume ``run_name`` if it has checkpoints.
+
+    The cache must have been made by the image tokenizer in ``image_tokenizer_dir`` (its
+    fingerprint is checked). Exports ``save_gpt`` to ``<workdir>/models/lm``.
+    """
+    from visgen.data.token_cache import read_token_cache
+
+    wd = Path(workdir).expanduser().resolve()
+    fingerprint = check_compatible(model, image_tokenizer_dir, text_tokenizer)
+    train_ds = read_token_cache(cache_dir, "train", expect_fingerprint=fingerprint)
+    eval_batch = _eval_batch(Path(cache_dir), train.eval_samples)
+    task = LMTask(model, recipe, sampling or SamplingConfig(), str(image_tokenizer_dir), str(text_tokenizer))
+    res = fit(task, train=train, scaling=scaling, run_name=run_name, storage_path=wd / "ray_results",
+              datasets={"train": train_ds}, eval_batch=eval_batch, tracking=tracking, workdir=wd,
+              export_dir=wd / "models" / "lm", crash_at=crash_at,
+              params={"lm.model": model, "lm.recipe": recipe, "lm.scaling": scaling, **(params or {})})
+    log.info("transformer: %d steps in %.0fs, exported to %s", res.step, res.wall_s, res.export_dir)
+    return LMTrainResult(model_dir=res.export_dir, metrics=res.metrics, eval=res.eval, fit=res)
