@@ -47,6 +47,14 @@ def plant_bad_shards(bad_dir: Path, good_shard: Path) -> dict[str, str]:
             "10001.tar": "shard_unreadable", "10002.tar": "shard_truncated"}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (48, 48), (200, 30, 30)).save(buf, format="JPEG")
@@ -68,8 +76,10 @@ def test_pipeline_job_end_to_end(tmp_path):
 
     # 2) the main job over good + bad shards (brace + glob source)
     source = f"{work}/{{shards,bad}}/*.tar"
+    port = _free_port()
     out = subprocess.run([py, "jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
-                          "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1"],
+                          "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1",
+                          "--set", f"serve.port={port}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     text = out.stdout
@@ -103,7 +113,8 @@ def test_pipeline_job_end_to_end(tmp_path):
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("visgen-shapes-tiny")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])
+            if not r.info.run_name.startswith("register-")}
     assert set(runs) == {"image_tokenizer", "lm"} and all(r.info.status == "FINISHED" for r in runs.values())
     assert "holdout/psnr" in runs["image_tokenizer"].data.metrics
 
@@ -122,9 +133,15 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert 0 <= lm_eval["geneval_overall"] <= 1 and 0 <= lm_eval["caption_slot_accuracy"] <= 1
     assert "final/geneval_overall" in client.get_run(runs["lm"].info.run_id).data.metrics
 
+    # registered, promoted, served: the app answered one generate and one caption request over HTTP
+    assert summary["registry"]["promoted"] and summary["registry"]["aliases"]["champion"] == "1"
+    assert str(client.get_model_version_by_alias("visgen", "champion").version) == "1"
+    assert summary["serve"]["version"] in ("1", 1) and isinstance(summary["serve"]["caption"], str)
+
     # 3) re-running is cheap: shards and tokenizer reused, training resumes at its last step
     out = subprocess.run([py, "jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
-                          "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1"],
+                          "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1",
+                          "--set", f"serve.port={port}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "skipped" in out.stdout and "up to date" in (out.stdout + out.stderr)

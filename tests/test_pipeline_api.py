@@ -11,34 +11,14 @@ import torch
 from PIL import Image
 
 import visgen
-from visgen.data.captions import make_caption
-from visgen.data.shapes import sample_prompt
-from visgen.models.gpt import VisGPT, gpt_config, save_gpt
-from visgen.models.vq import VQModel, save_vq, vq_config
-from visgen.pipeline import Pipeline, read_manifest, write_bundle
-from visgen.text.tokenizer import TextTokenizerConfig, train_text_tokenizer
-
-
-def _captions(n: int = 400) -> list[str]:
-    rng = np.random.default_rng(0)
-    tasks = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
-    return [make_caption(sample_prompt(tasks[i % 6], rng), ("en", "zh")[i % 2], rng) for i in range(n)]
+from bundles import make_bundle
+from visgen.pipeline import Pipeline, read_manifest
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A bundle of untrained tiny parts: enough for every code path and shape."""
-    root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    vq = VQModel(vq_config("tiny", resolution=16)).eval()
-    tok = train_text_tokenizer(_captions(), TextTokenizerConfig(vocab_size=400, min_frequency=1))
-    h, w = vq.grid_shape
-    lm = VisGPT(gpt_config("tiny", text_vocab=400, codebook_size=vq.num_codes, grid=(h, w), max_text_tokens=16))
-    save_vq(vq, root / "vq")
-    save_gpt(lm, root / "lm")
-    tok.save(root / "text_tokenizer.json")
-    return write_bundle(root / "bundle", lm_dir=root / "lm", image_tokenizer_dir=root / "vq",
-                        text_tokenizer=root / "text_tokenizer.json")
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +120,11 @@ def test_cli_generate_caption_edit(bundle, tmp_path, capsys):
 def test_load_from_an_mlflow_artifact_uri(bundle, tmp_path):
     import mlflow
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # runs:/ URIs resolve against the current store
-    try:
-        client = mlflow.MlflowClient()
-        exp = client.create_experiment("bundles", artifact_location=str(tmp_path / "artifacts"))
-        run = client.create_run(exp)
-        client.log_artifacts(run.info.run_id, str(bundle), "bundle")
-        pipe = Pipeline.load(f"runs:/{run.info.run_id}/bundle", device="cpu")
-    finally:
-        mlflow.set_tracking_uri(before)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # named per call: no process-global MLflow state is touched
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("bundles", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(bundle), "bundle")
+    pipe = Pipeline.load(f"runs:/{run.info.run_id}/bundle", device="cpu", tracking_uri=uri)
     assert pipe.info()["lm_fingerprint"] == read_manifest(bundle)["lm"]["fingerprint"]
     assert pipe.generate("a red circle")[0].shape == (16, 16, 3)

@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from visgen.config import SpecError, load_spec, parse_override
 
@@ -45,6 +46,9 @@ def _section_classes() -> dict[str, type]:
         "sampling": s["SamplingConfig"],
         "eval.geneval": s["GenEvalConfig"],
         "eval.captions": s["CaptionEvalConfig"],
+        "serve": s["ServeConfig"],
+        "retrain": s["RetrainConfig"],
+        "serve.limits": s["ServeLimits"],
         "tracking": s["TrackingConfig"],
     }
 
@@ -80,6 +84,8 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: list[str], take
         for field, info in classes[sec].model_fields.items():
             if field in DERIVED_FIELDS.get(sec, ()):
                 continue
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                continue  # a nested section: its fields get flags of their own ("serve.limits")
             flag = field.replace("_", "-")
             if len(names[field]) > 1 or flag in taken:  # ambiguous across sections: qualify it
                 flag = f"{sec.split('.')[-1]}-{flag}".replace("_", "-")
@@ -257,6 +263,49 @@ def cmd_edit(args):
     _save_images([image], args.out)
 
 
+def _registry(args):
+    from visgen.registry import Registry
+
+    spec = spec_from_args(args)
+    return Registry.from_config(spec.tracking, spec.workdir)
+
+
+def cmd_register(args):
+    from visgen.config import parse_override
+
+    tags = dict(parse_override(t) for t in args.tag or [])
+    info = _registry(args).register(args.bundle or spec_from_args(args).paths.bundle, tags=tags,
+                                    verify=not args.no_verify)
+    _print_json({"version": info.version, "source": info.source, "tags": info.tags})
+
+
+def cmd_promote(args):
+    _print_json({"aliases": _registry(args).promote(args.version)})
+
+
+def cmd_rollback(args):
+    _print_json({"aliases": _registry(args).rollback()})
+
+
+def cmd_serve(args):
+    from visgen.serve.app import run
+    from visgen.tracking import resolve_tracking_uri
+
+    from visgen.runtime import init_ray
+
+    spec = spec_from_args(args)
+    init_ray()
+    print(f"serving {spec.serve.model_uri} on http://{spec.serve.host}:{spec.serve.port}{spec.serve.route_prefix} "
+          f"(playground at /, API docs at /docs); Ctrl-C stops", flush=True)
+    run(spec.serve, resolve_tracking_uri(spec.tracking, spec.workdir), blocking=True)
+
+
+def cmd_retrain(args):
+    from visgen.retrain import retrain
+
+    _print_json(retrain(spec_from_args(args)))
+
+
 def cmd_run(args):
     from visgen import stages
 
@@ -264,7 +313,7 @@ def cmd_run(args):
     summary = stages.run_pipeline(spec)
     print("\n=== summary ===")
     _print_json(summary)
-    print(stages.where_to_look(spec))
+    print(stages.where_to_look(spec, args.pipeline))
 
 
 def cmd_spec_show(args):
@@ -289,7 +338,14 @@ COMMANDS: dict[tuple[str, ...], tuple[Any, list[str], str]] = {
     ("generate",): (cmd_generate, [], "draw images for text prompts (any language the tokenizer was trained on)"),
     ("caption",): (cmd_caption, [], "caption image files"),
     ("edit",): (cmd_edit, [], "keep the top token rows of an image and redraw the rest to match a prompt"),
-    ("run",): (cmd_run, [], "run the whole pipeline: shards -> tokenizers -> ingest -> token cache -> transformer -> eval"),
+    ("register",): (cmd_register, [], "register a model bundle as a new version of the MLflow model 'visgen' (eval results as tags)"),
+    ("promote",): (cmd_promote, [], "point the alias 'champion' at a version (the old champion becomes 'previous')"),
+    ("rollback",): (cmd_rollback, [], "swap 'champion' and 'previous' back"),
+    ("serve",): (cmd_serve, ["serve", "serve.limits"], "serve the champion over HTTP with Ray Serve (generate / caption / edit, playground at /)"),
+    ("retrain",): (cmd_retrain, ["retrain"], "continue the champion on shards it has not seen; promote the result only "
+                                            "if it beats the champion on the same held-out set (one at a time)"),
+    ("run",): (cmd_run, [], "the whole pipeline: shards -> tokenizers -> ingest -> token cache -> transformer -> eval -> "
+                            "register -> serve check"),
     ("spec", "show"): (cmd_spec_show, [], "print the fully resolved spec (after overrides) as JSON"),
 }
 
@@ -330,6 +386,12 @@ EXTRA_FLAGS = {
         ("--bundle", {"help": "model bundle directory or MLflow URI (default: <workdir>/models/bundle)"}),
         ("--run-name", {"help": "MLflow run to log the results to (default: lm)"}),
     ],
+    ("register",): [
+        ("bundle", {"nargs": "?", "metavar": "BUNDLE", "help": "bundle directory (default: <workdir>/models/bundle)"}),
+        ("--tag", {"action": "append", "metavar": "KEY=VALUE", "help": "extra version tag (repeatable)"}),
+        ("--no-verify", {"action": "store_true", "help": "skip loading the bundle before registering it"}),
+    ],
+    ("promote",): [("version", {"metavar": "VERSION", "help": "model version number"})],
     ("generate",): [
         ("prompts", {"nargs": "+", "metavar": "PROMPT", "help": "text prompt(s), e.g. \"a red circle left of a blue square\""}),
         ("--out", {"required": True, "help": "output PNG (several images: NAME_000.png, ...) or a directory"}),

@@ -97,6 +97,8 @@ def _sections():
     from visgen.models.vq import VQConfig
     from visgen.text.tokenizer import TextTokenizerConfig
     from visgen.pipeline import SamplingConfig
+    from visgen.retrain import RetrainConfig
+    from visgen.serve.config import ServeConfig, ServeLimits
     from visgen.tracking import TrackingConfig
     from visgen.train.config import ScalingConfig, TrainConfig
     from visgen.train.lm import LMRecipe
@@ -170,7 +172,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 class PipelineSpec(BaseModel):
-    """One pipeline: data → text tokenizer → image tokenizer → token cache → LM → evaluation.
+    """One pipeline: data → text tokenizer → image tokenizer → token cache → LM → evaluation → serving.
 
     Sections are validated by the classes of the components that own them; this class only
     composes them and checks what spans sections (e.g. image resolution).
@@ -188,6 +190,8 @@ class PipelineSpec(BaseModel):
     lm: Any = None
     sampling: Any = None
     eval: Any = None
+    serve: Any = None
+    retrain: Any = None
     tracking: Any = None
 
     @model_validator(mode="before")
@@ -231,6 +235,8 @@ class PipelineSpec(BaseModel):
         _check_keys(ev, "eval", ("geneval", "captions"))
         out["eval"] = EvalSpec(geneval=_validate_at(s["GenEvalConfig"], ev.get("geneval") or {}, "eval.geneval"),
                                captions=_validate_at(s["CaptionEvalConfig"], ev.get("captions") or {}, "eval.captions"))
+        out["serve"] = _validate_at(s["ServeConfig"], raw.get("serve") or {}, "serve")
+        out["retrain"] = _validate_at(s["RetrainConfig"], raw.get("retrain") or {}, "retrain")
         return out
 
     @cached_property
@@ -249,12 +255,14 @@ class PipelineSpec(BaseModel):
             "lm": {k: v.model_dump(mode="json") for k, v in vars(self.lm).items()},
             "sampling": self.sampling.model_dump(mode="json"),
             "eval": {k: v.model_dump(mode="json") for k, v in vars(self.eval).items()},
+            "serve": self.serve.model_dump(mode="json"),
+            "retrain": self.retrain.model_dump(mode="json"),
             "tracking": self.tracking.model_dump(mode="json"),
         }
 
 
 TOP_LEVEL_KEYS = ("name", "workdir", "data", "text_tokenizer", "image_tokenizer", "token_cache", "lm", "sampling",
-                  "eval", "tracking")
+                  "eval", "serve", "retrain", "tracking")
 
 
 class DataSpec:

@@ -114,9 +114,10 @@ def write_bundle_eval(bundle_dir: str | Path, results: dict) -> Path:
     return d / EVAL_FILE
 
 
-def resolve_bundle(source: str | Path) -> Path:
+def resolve_bundle(source: str | Path, tracking_uri: str | None = None) -> Path:
     """A local bundle directory for ``source``: a path, or an MLflow URI (``models:/visgen@champion``,
-    ``runs:/<id>/bundle``) downloaded to a temporary directory."""
+    ``runs:/<id>/bundle``) downloaded to a temporary directory. ``tracking_uri`` names the store
+    (default: ``$MLFLOW_TRACKING_URI`` / the process's current one)."""
     s = str(source)
     if "://" not in s and not s.startswith(("models:/", "runs:/")):
         p = Path(s).expanduser()
@@ -126,7 +127,7 @@ def resolve_bundle(source: str | Path) -> Path:
     import mlflow
 
     dst = tempfile.mkdtemp(prefix="visgen-bundle-")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=dst))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=dst, tracking_uri=tracking_uri))
     if not (local / MANIFEST).is_file():  # a model version whose artifacts hold the bundle one level down
         found = [p.parent for p in local.rglob(MANIFEST)]
         if len(found) != 1:
@@ -157,13 +158,13 @@ class Pipeline:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | Path, device: str | torch.device = "auto") -> "Pipeline":
-        """From a bundle directory or an MLflow model URI (``models:/visgen@champion``)."""
+    def load(cls, source: str | Path, device: str | torch.device = "auto", tracking_uri: str | None = None) -> "Pipeline":
+        """From a bundle directory or an MLflow URI (``models:/visgen@champion``, ``runs:/<id>/bundle``)."""
         from visgen.models.gpt import load_gpt
         from visgen.models.vq import load_vq
         from visgen.text.tokenizer import TextTokenizer
 
-        d = resolve_bundle(source)
+        d = resolve_bundle(source, tracking_uri)
         manifest = read_manifest(d)
         dev = _device(device)
         lm, vq = load_gpt(d, device=dev), load_vq(d, device=dev)

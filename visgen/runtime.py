@@ -31,5 +31,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Artifact downloads (registry, bundles) would otherwise draw a progress bar per file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("urllib3", "alembic", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -166,6 +166,63 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
                            workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME)
 
 
+def publish(spec: PipelineSpec) -> dict:
+    """Register the bundle as a version of the MLflow model ``visgen``; make it the champion when
+    there is none yet or when it scores at least as well on GenEval-shapes (the gate of the
+    scheduled retraining job compares both on the same held-out set)."""
+    from visgen.registry import CHAMPION, Registry
+
+    reg = Registry.from_config(spec.tracking, spec.workdir)
+    new = reg.register(spec.paths.bundle)
+    out = {"version": new.version, "model": reg.name, "tracking_uri": reg.tracking_uri}
+    try:
+        champion = reg.resolve(CHAMPION)
+    except LookupError:
+        champion = None
+    new_score = float(new.tags.get("eval.geneval_overall", "nan"))
+    old_score = float(champion.tags.get("eval.geneval_overall", "nan")) if champion else float("nan")
+    if champion is None or champion.version == new.version or not new_score < old_score:
+        out.update(promoted=True, aliases=reg.promote(new.version))
+    else:
+        out.update(promoted=False, aliases=reg.aliases(),
+                   reason=f"GenEval-shapes {new_score:.3f} < champion v{champion.version}'s {old_score:.3f}")
+    return out
+
+
+def serve_check(spec: PipelineSpec, keep_running: bool = False) -> dict:
+    """Start the Serve app on the champion and send it one generate and one caption request over HTTP."""
+    import base64
+
+    import requests
+    from ray import serve
+
+    from visgen.serve.app import build_app
+    from visgen.tracking import resolve_tracking_uri
+
+    init_ray()
+    cfg = spec.serve
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg, resolve_tracking_uri(spec.tracking, spec.workdir)), name=cfg.app_name,
+              route_prefix=cfg.route_prefix)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    base = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    t0 = time.perf_counter()
+    gen = requests.post(f"{base}/v1/generate", json={"prompt": "a red circle left of a blue square", "n": 1, "seed": 0},
+                        timeout=cfg.request_timeout_s)
+    gen.raise_for_status()
+    png = base64.b64decode(gen.json()["images"][0]["png_base64"])
+    t1 = time.perf_counter()
+    cap = requests.post(f"{base}/v1/caption", files={"image": ("generated.png", png, "image/png")},
+                        timeout=cfg.request_timeout_s)
+    cap.raise_for_status()
+    out = {"url": f"{base}/", "version": gen.json()["version"], "generate_ms": round(1000 * (t1 - t0)),
+           "caption": cap.json()["caption"], "caption_ms": round(1000 * (time.perf_counter() - t1))}
+    if not keep_running:
+        serve.delete(cfg.app_name)
+        serve.shutdown()
+    return out
+
+
 def _banner(i: int, n: int, title: str) -> float:
     print(f"\n=== [{i}/{n}] {title} ===", flush=True)
     return time.perf_counter()
@@ -177,7 +234,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     cache by its manifest, training by its checkpoints)."""
     t_start = time.perf_counter()
     summary: dict = {"pipeline": spec.name, "workdir": spec.workdir}
-    steps = 8
+    steps = 10
     t = _banner(1, steps, "shapes shards (Ray tasks)")
     if spec.data.synth is not None:
         print(synth(spec).format())
@@ -220,13 +277,21 @@ def run_pipeline(spec: PipelineSpec) -> dict:
 
     t = _banner(8, steps, "evaluate: GenEval-shapes (text -> image) and captions (image -> text)")
     ev = eval_lm(spec)
-    summary["lm_eval"] = {k: ev[k] for k in ev if k.startswith(("geneval_", "caption_")) and not isinstance(ev[k], dict)}
+    summary["lm_eval"] = {k: v for k, v in ev.items() if k.startswith(("geneval_", "caption_")) and isinstance(v, (int, float))}
     summary["eval_lm_s"] = round(time.perf_counter() - t, 1)
+
+    t = _banner(9, steps, "register the bundle in MLflow; promote it to champion when it is at least as good")
+    summary["registry"] = publish(spec)
+    print(json.dumps(summary["registry"], indent=1))
+
+    t = _banner(10, steps, "serve the champion (Ray Serve) and send it one generate and one caption request")
+    summary["serve"] = serve_check(spec)
+    print(json.dumps(summary["serve"], indent=1, ensure_ascii=False))
     summary["total_s"] = round(time.perf_counter() - t_start, 1)
     return summary
 
 
-def where_to_look(spec: PipelineSpec) -> str:
+def where_to_look(spec: PipelineSpec, pipeline: str = "PIPELINE.yaml") -> str:
     from visgen.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec.tracking, spec.workdir)
@@ -235,7 +300,9 @@ def where_to_look(spec: PipelineSpec) -> str:
              f"tokenizer eval:   {spec.paths.eval / 'image_tokenizer.json'}",
              f"model eval:       {spec.paths.eval / 'lm.json'}  (generated images: {spec.paths.eval / 'geneval'})",
              f"model bundle:     {spec.paths.bundle}",
-             f"try it:           visgen generate \"a red circle left of a blue square\" -o out.png --bundle {spec.paths.bundle}"]
+             f"try it:           visgen generate \"a red circle left of a blue square\" --out out.png --bundle {spec.paths.bundle}",
+             f"serve it:         visgen serve --pipeline {pipeline} --workdir {spec.workdir}   "
+             f"(playground: http://127.0.0.1:{spec.serve.port}/)"]
     if uri.startswith("sqlite:"):
         lines.append(f"MLflow UI:        mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     else:

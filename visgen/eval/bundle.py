@@ -62,15 +62,20 @@ def geneval_bundle(pipe, cfg: Any, out_dir: Path, judge=None) -> dict:
 
 
 def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captions: Any, workdir: str | Path,
-                    tracking: Any = None, run_name: str = "lm", device: str = "auto") -> dict:
-    """Both benchmarks on the bundle; returns (and stores) the summary with per-task numbers."""
+                    tracking: Any = None, run_name: str = "lm", device: str = "auto",
+                    eval_dir: str | Path | None = None) -> dict:
+    """Both benchmarks on the bundle; returns (and stores) the summary with per-task numbers.
+
+    Results go to ``eval_dir`` (default ``<workdir>/eval``: ``lm.json`` and ``geneval/``) and into
+    the bundle; ``tracking`` logs them to the MLflow run ``run_name``."""
     from visgen.pipeline import Pipeline, write_bundle_eval
     from visgen.tracking import Tracker
 
     wd = Path(workdir).expanduser().resolve()
     pipe = Pipeline.load(bundle_dir, device=device)
     t0 = time.perf_counter()
-    gen = geneval_bundle(pipe, geneval, wd / "eval" / "geneval")
+    ev_dir = Path(eval_dir) if eval_dir else wd / "eval"
+    gen = geneval_bundle(pipe, geneval, ev_dir / "geneval")
     t_gen = time.perf_counter() - t0
     cap = caption_holdout(pipe, ingest, captions, wd)
     summary = {
@@ -92,7 +97,7 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
     full = {**summary, "geneval": {k: gen[k] for k in ("overall", "tasks", "by_language") if k in gen},
             "captions": {k: v for k, v in cap.items() if k != "per_caption"},
             "caption_examples": cap.get("per_caption", [])[:32]}
-    out = wd / "eval" / "lm.json"
+    out = ev_dir / "lm.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=1, default=str), encoding="utf-8")
     write_bundle_eval(bundle_dir, full)

@@ -69,13 +69,23 @@ class LMTask(TrainTask):
     log_keys = ("loss", "t2i_loss", "i2t_loss")
 
     def __init__(self, cfg: GPTConfig, recipe: LMRecipe, sampling: SamplingConfig,
-                 image_tokenizer_dir: str | None = None, text_tokenizer: str | None = None):
+                 image_tokenizer_dir: str | None = None, text_tokenizer: str | None = None,
+                 init_from: str | None = None):
         self.cfg, self.recipe, self.sampling = cfg, recipe, sampling
         self.image_tokenizer_dir, self.text_tokenizer = image_tokenizer_dir, text_tokenizer
+        self.init_from = init_from
         self._vq = self._tok = None
 
     def setup(self, env: WorkerEnv) -> Trainable:
         self.model = VisGPT(self.cfg).to(env.device)
+        if self.init_from:  # continue from a trained model; a checkpoint of this run, if any, overrides it
+            from visgen.models.gpt import load_gpt
+
+            start = load_gpt(self.init_from)
+            if start.cfg != self.cfg:
+                raise ValueError(f"cannot start from {self.init_from}: its config differs from lm.model "
+                                 f"({start.cfg.model_dump()} vs {self.cfg.model_dump()})")
+            self.model.load_state_dict(start.state_dict())
         self.ddp_model = env.prepare(self.model)
         self.forward = self.ddp_model
         if env.device.type == "cuda" and self.recipe.compile:
@@ -206,7 +216,8 @@ def check_compatible(model: GPTConfig, image_tokenizer_dir: str | Path, text_tok
 def train_lm(model: GPTConfig, recipe: LMRecipe, train: TrainConfig, scaling: ScalingConfig, *,
              cache_dir: str | Path, image_tokenizer_dir: str | Path, text_tokenizer: str | Path,
              workdir: str | Path, sampling: SamplingConfig | None = None, tracking: Any = None,
-             run_name: str = RUN_NAME, params: dict | None = None, crash_at: CrashAt | None = None) -> LMTrainResult:
+             run_name: str = RUN_NAME, params: dict | None = None, crash_at: CrashAt | None = None,
+             init_from: str | Path | None = None, export_dir: str | Path | None = None) -> LMTrainResult:
     """Train the transformer on the token cache; resume ``run_name`` if it has checkpoints.
 
     The cache must have been made by the image tokenizer in ``image_tokenizer_dir`` (its
@@ -218,10 +229,11 @@ def train_lm(model: GPTConfig, recipe: LMRecipe, train: TrainConfig, scaling: Sc
     fingerprint = check_compatible(model, image_tokenizer_dir, text_tokenizer)
     train_ds = read_token_cache(cache_dir, "train", expect_fingerprint=fingerprint)
     eval_batch = _eval_batch(Path(cache_dir), train.eval_samples)
-    task = LMTask(model, recipe, sampling or SamplingConfig(), str(image_tokenizer_dir), str(text_tokenizer))
+    task = LMTask(model, recipe, sampling or SamplingConfig(), str(image_tokenizer_dir), str(text_tokenizer),
+                  init_from=str(init_from) if init_from else None)
     res = fit(task, train=train, scaling=scaling, run_name=run_name, storage_path=wd / "ray_results",
               datasets={"train": train_ds}, eval_batch=eval_batch, tracking=tracking, workdir=wd,
-              export_dir=wd / "models" / "lm", crash_at=crash_at,
+              export_dir=Path(export_dir) if export_dir else wd / "models" / "lm", crash_at=crash_at,
               params={"lm.model": model, "lm.recipe": recipe, "lm.scaling": scaling, **(params or {})})
     log.info("transformer: %d steps in %.0fs, exported to %s", res.step, res.wall_s, res.export_dir)
     return LMTrainResult(model_dir=res.export_dir, metrics=res.metrics, eval=res.eval, fit=res)

@@ -1,0 +1,96 @@
+"""Serve pieces without Ray: the config section, request parsing and image checks."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visgen.config import SpecError, validate_section
+from visgen.serve.config import ServeConfig, ServeLimits
+from visgen.serve.inputs import (RequestError, body_kind, decode_base64, decode_image, parse_multipart, read_body,
+                                 request_models, validate, wants_png)
+
+
+def test_config_defaults_and_cross_field_rules():
+    cfg = ServeConfig()
+    assert cfg.model_uri == "models:/visgen@champion" and cfg.max_ongoing_requests > cfg.max_batch_size
+    for bad, words in [({"max_batch_size": 64, "max_ongoing_requests": 64}, "greater than max_batch_size"),
+                       ({"autoscaling": True, "min_replicas": 5, "max_replicas": 2}, "min_replicas"),
+                       ({"route_prefix": "no-slash"}, "route_prefix"), ({"port": 0}, "port"),
+                       ({"limits": {"max_image_bytes": 2 << 20, "max_body_bytes": 1 << 20}}, "max_image_bytes"),
+                       ({"limits": {"image_formats": ["TIFF"]}}, "image_formats"), ({"batch_size": 4}, "unknown key")]:
+        with pytest.raises(SpecError, match=words):
+            validate_section(ServeConfig, bad, "serve")
+
+
+def test_every_field_has_a_description():
+    for cls in (ServeConfig, ServeLimits):
+        assert all(f.description for f in cls.model_fields.values()), cls
+
+
+def _png(w: int, h: int, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 10, 10)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_image_checks_bytes_format_and_pixels_before_decoding():
+    limits = ServeLimits(max_image_bytes=50_000, max_image_pixels=100 * 100, max_body_bytes=100_000)
+    arr = decode_image(_png(40, 30), limits, resolution=16)
+    assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8 and tuple(arr[0, 0]) == (200, 10, 10)
+    assert decode_image(_png(20, 20, "JPEG"), limits).shape == (20, 20, 3)
+    cases = [(_png(101, 100), 413, "pixels"), (_png(10, 10, "GIF"), 415, "accepted format"),
+             (b"\0" * 50_001, 413, "bytes"), (b"", 400, "empty"), (_png(64, 64)[:100], 400, "could not be decoded")]
+    for data, status, words in cases:
+        with pytest.raises(RequestError, match=words) as err:
+            decode_image(data, limits)
+        assert err.value.status == status and err.value.field == "image"
+
+
+def test_bodies_are_refused_as_soon_as_they_pass_the_limit():
+    async def chunks(n):
+        for _ in range(n):
+            yield b"x" * 100
+
+    assert asyncio.run(read_body(None, chunks(3), 300)) == b"x" * 300
+    with pytest.raises(RequestError, match="exceeds the limit of 250") as err:
+        asyncio.run(read_body(None, chunks(3), 250))  # no Content-Length: counted while streaming
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="has 10000 bytes"):
+        asyncio.run(read_body("10000", chunks(0), 250))
+    with pytest.raises(RequestError, match="not a number"):
+        asyncio.run(read_body("ten", chunks(0), 250))
+
+
+def test_multipart_base64_accept_and_content_type_parsing():
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n\xe4\xb8\x80\xe4\xb8\xaa\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n"
+            b"\x89PNG\r\n\x00\x01\r\n--B--\r\n")
+    form = parse_multipart(body, "multipart/form-data; boundary=B")
+    assert form == {"prompt": "一个", "image": b"\x89PNG\r\n\x00\x01"}
+    with pytest.raises(RequestError, match="boundary"):
+        parse_multipart(body, "multipart/form-data")
+    assert decode_base64("data:image/png;base64,aGk=", "image", 10) == b"hi"
+    with pytest.raises(RequestError, match="limit is 10"):
+        decode_base64("aGk=" * 20, "image", 10)
+    assert wants_png("image/png") and wants_png("image/png, application/json")
+    assert not wants_png("application/json, image/png") and not wants_png(None) and not wants_png("*/*")
+    assert body_kind(None) == "json" and body_kind("multipart/form-data; boundary=x") == "multipart"
+    with pytest.raises(RequestError) as err:
+        body_kind("text/xml")
+    assert err.value.status == 415
+
+
+def test_request_models_carry_the_limits():
+    models = request_models(ServeLimits(max_n=3, max_prompt_chars=10), grid_rows=4)
+    assert validate(models["generate"], {"prompt": "hi", "n": "2"}).n == 2  # form strings are coerced
+    with pytest.raises(RequestError) as err:
+        validate(models["generate"], {"prompt": "hi", "n": 4})
+    assert (err.value.status, err.value.field, err.value.limit) == (422, "n", 3)
+    with pytest.raises(RequestError) as err:
+        validate(models["edit"], {"prompt": "hi", "image": "x", "keep_rows": 5})
+    assert (err.value.field, err.value.limit) == ("keep_rows", 4)

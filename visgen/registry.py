@@ -1,0 +1,361 @@
+"""The model registry: bundles become versions of the MLflow registered model ``visgen``.
+
+    version = register_bundle("work/shapes-32/models/bundle", spec.tracking, spec.workdir)
+    promote(version, spec.tracking, spec.workdir)      # alias champion -> version, old champion -> previous
+    rollback(spec.tracking, spec.workdir)              # champion <-> previous
+    pipe = visgen.Pipeline.load("models:/visgen@champion")   # with $MLFLOW_TRACKING_URI pointing at the store
+
+A version's files are the bundle directory, logged as the artifacts (``bundle/``) of one MLflow run
+in the tracking experiment; the version's ``source`` is that artifact directory, so
+``models:/visgen/<v>`` and ``models:/visgen@<alias>`` download exactly the bundle. Each
+registration gets its own run: runs are never resumed here, because re-logging into an existing
+run would change the files of a version that is already registered.
+
+Version tags carry what a reader needs to choose a version without downloading it: the headline
+evaluation numbers of the manifest (``eval.<name>``), the fingerprints of the three parts, and a
+content hash of the bundle (``bundle_sha256``) that makes registering the same files twice return
+the existing version instead of a duplicate.
+
+Loading (:func:`load_version`) downloads one *numbered* version, never an alias, so the version a
+server reports is the one whose files it loaded, even when the alias moves during the download.
+Only safetensors and JSON are read (see :mod:`visgen.pipeline`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from visgen.pipeline import MANIFEST, TEXT_TOKENIZER_FILE, read_manifest
+from visgen.tracking import TrackingConfig, _is_remote, _open_run, _param_str, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from visgen.pipeline import Pipeline
+
+log = logging.getLogger("visgen.registry")
+
+MODEL_NAME = "visgen"
+CHAMPION, PREVIOUS = "champion", "previous"
+ARTIFACT_PATH = "bundle"  # where a registration run keeps the bundle
+REQUIRED_FILES = (MANIFEST, "lm.safetensors", "lm.json", "image_tokenizer.safetensors", "image_tokenizer.json",
+                  TEXT_TOKENIZER_FILE)
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the registry knows about one version (no files downloaded)."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def eval(self) -> dict[str, str]:
+        """The evaluation headline numbers registered with the version (``eval.<name>`` tags)."""
+        return {k[len("eval."):]: v for k, v in self.tags.items() if k.startswith("eval.")}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "source": self.source, "run_id": self.run_id,
+                "aliases": list(self.aliases), "eval": self.eval,
+                "tags": {k: v for k, v in self.tags.items() if not k.startswith("eval.")}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+class Registry:
+    """The registered model ``name`` in the MLflow store at ``tracking_uri`` (also its registry)."""
+
+    def __init__(self, tracking_uri: str, name: str = MODEL_NAME, experiment: str = "visgen",
+                 workdir: str | Path | None = None):
+        from mlflow import MlflowClient
+
+        if not name or "/" in name or "@" in name:
+            raise ValueError(f"registered model name {name!r} must be non-empty without '/' or '@'")
+        self.tracking_uri, self.name, self.experiment = tracking_uri, name, experiment
+        self.workdir = Path(workdir).expanduser().resolve() if workdir is not None else None
+        self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @classmethod
+    def from_config(cls, cfg: TrackingConfig, workdir: str | Path, name: str = MODEL_NAME) -> "Registry":
+        """The store the training runs use (``$MLFLOW_TRACKING_URI`` > ``cfg.tracking_uri`` > sqlite under ``workdir``)."""
+        return cls(resolve_tracking_uri(cfg, workdir), name=name, experiment=cfg.experiment, workdir=workdir)
+
+    # -- registration ----------------------------------------------------------------------------
+    def register(self, bundle_dir: str | Path, tags: Mapping[str, Any] | None = None,
+                 verify: bool = True) -> VersionInfo:
+        """Log ``bundle_dir`` as the artifacts of a new run and make it a new version of the model.
+
+        ``verify`` loads the bundle on the CPU first (fingerprints, shapes), so a version that
+        cannot be served is never registered. The same files registered again return the version
+        that already holds them.
+        """
+        from mlflow.exceptions import MlflowException
+
+        bundle = Path(bundle_dir).expanduser().resolve()
+        manifest = check_bundle(bundle, verify=verify)
+        digest = bundle_sha256(bundle)
+        self._ensure_model()
+        existing = self.client.search_model_versions(f"name = '{self.name}' and tag.bundle_sha256 = '{digest}'")
+        if existing:
+            mv = max(existing, key=lambda v: int(v.version))
+            log.info("bundle %s is already version %s of %r (same files, sha256 %s)", bundle, mv.version, self.name,
+                     digest[:12])
+            return self.version(mv.version)
+
+        version_tags = {**bundle_tags(manifest), "bundle_sha256": digest,
+                        **{str(k): _param_str(v) for k, v in (tags or {}).items()}}
+        run_name = f"register-{manifest['lm']['fingerprint'][:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        workdir = self.workdir if self.workdir is not None else bundle.parent
+        if not _is_remote(self.tracking_uri) and self.workdir is None:
+            log.warning("no workdir given: artifacts of a new experiment go next to the bundle, under %s", workdir)
+        cfg = TrackingConfig(experiment=self.experiment, tracking_uri=self.tracking_uri)
+        client, run_id, _ = _open_run(cfg, self.tracking_uri, workdir, run_name,
+                                      {"visgen.kind": "bundle", "visgen.bundle": str(bundle)})
+        try:
+            client.log_artifacts(run_id, str(bundle), ARTIFACT_PATH)
+            for key, value in _numeric(manifest.get("eval") or {}).items():
+                client.log_metric(run_id, f"eval.{key}", value)
+            source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+            mv = self.client.create_model_version(self.name, source, run_id=run_id, tags=version_tags,
+                                                  description=f"bundle {bundle.name} created {manifest.get('created')}")
+        except (MlflowException, OSError):
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        log.info("registered %s as version %s of %r (run %s)", bundle, mv.version, self.name, run_id)
+        return self.version(mv.version)
+
+    def _ensure_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(
+                    self.name, description="visgen text <-> image bundles (VQ image tokenizer + transformer)")
+            except MlflowException:  # created by someone else in between
+                self.client.get_registered_model(self.name)
+
+    # -- aliases ---------------------------------------------------------------------------------
+    def version(self, version: str | int) -> VersionInfo:
+        """One version's record; a clear error when it does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        v = _version_str(version)
+        try:
+            mv = self.client.get_model_version(self.name, v)
+        except MlflowException:
+            known = ", ".join(sorted((str(m.version) for m in self._versions()), key=int)) or "none"
+            raise LookupError(f"version {v} of registered model {self.name!r} does not exist "
+                              f"(versions: {known}; store {self.tracking_uri})") from None
+        return _info(mv)
+
+    def resolve(self, alias: str = CHAMPION) -> VersionInfo:
+        """The version an alias points at."""
+        from mlflow.exceptions import MlflowException
+
+        _check_alias(alias)
+        try:
+            return _info(self.client.get_model_version_by_alias(self.name, alias))
+        except MlflowException:
+            raise LookupError(f"registered model {self.name!r} has no alias {alias!r} "
+                              f"(aliases: {self.aliases() or 'none'}; store {self.tracking_uri}); "
+                              f"`visgen promote VERSION` sets {CHAMPION}") from None
+
+    def aliases(self) -> dict[str, str]:
+        """``{alias: version}`` of the registered model (empty when it does not exist yet)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
+        except MlflowException:
+            return {}
+
+    def promote(self, version: str | int) -> dict[str, str]:
+        """Point ``champion`` at ``version``; the champion it replaces becomes ``previous``.
+
+        Promoting the current champion again changes nothing. Returns the aliases afterwards.
+        """
+        target = self.version(version)
+        if target.tags.get("visgen.format") is None and not self._has_manifest(target):
+            raise ValueError(f"version {target.version} of {self.name!r} holds no visgen bundle (source {target.source})")
+        current = self.aliases().get(CHAMPION)
+        if current == target.version:
+            log.info("version %s is already %s of %r", target.version, CHAMPION, self.name)
+            return self.aliases()
+        if current is not None:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, current)
+        self.client.set_registered_model_alias(self.name, CHAMPION, target.version)
+        log.info("%s of %r: version %s (was %s)", CHAMPION, self.name, target.version, current)
+        return self.aliases()
+
+    def rollback(self) -> dict[str, str]:
+        """Swap ``champion`` and ``previous``: the last promotion undone (a second rollback redoes it)."""
+        aliases = self.aliases()
+        if PREVIOUS not in aliases:
+            raise LookupError(f"registered model {self.name!r} has no {PREVIOUS!r} alias to roll back to "
+                              f"(aliases: {aliases or 'none'})")
+        prev, champ = aliases[PREVIOUS], aliases.get(CHAMPION)
+        self.client.set_registered_model_alias(self.name, CHAMPION, prev)
+        if champ is not None:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, champ)
+        log.info("rolled back %s of %r: version %s (was %s)", CHAMPION, self.name, prev, champ)
+        return self.aliases()
+
+    # -- loading ---------------------------------------------------------------------------------
+    def resolve_uri(self, model_uri: str) -> VersionInfo:
+        """``models:/visgen@champion`` or ``models:/visgen/3`` → the version record."""
+        m = _MODEL_URI.match(model_uri)
+        if not m:
+            raise ValueError(f"model URI {model_uri!r} must look like models:/{self.name}@{CHAMPION} or models:/{self.name}/3")
+        if m["name"] != self.name:
+            raise ValueError(f"model URI {model_uri!r} names model {m['name']!r}, this registry serves {self.name!r}")
+        return self.resolve(m["alias"]) if m["alias"] else self.version(m["version"])
+
+    def download(self, version: str | int, dst: str | Path) -> Path:
+        """The files of one numbered version, downloaded under ``dst``; returns the bundle directory."""
+        import mlflow
+
+        v = _version_str(version)
+        # Resolved here rather than handing MLflow a models:/ URI: its models:/ resolution reads the
+        # process-global registry URI and would ignore this registry's store.
+        source = self.client.get_model_version_download_uri(self.name, v)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                         tracking_uri=self.tracking_uri))
+        if not (local / MANIFEST).is_file():
+            raise FileNotFoundError(f"version {v} of {self.name!r} has no {MANIFEST} at the top of its files")
+        return local
+
+    def load(self, version: str | int, device: str = "cpu") -> "Pipeline":
+        """A :class:`visgen.Pipeline` of one numbered version (downloaded to a temp dir, removed after loading)."""
+        from visgen.pipeline import Pipeline
+
+        v = _version_str(version)
+        tmp = tempfile.mkdtemp(prefix=f"visgen-v{v}-")
+        try:
+            pipe = Pipeline.load(self.download(v, tmp), device=device)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the weights are in memory now
+        pipe.source = f"models:/{self.name}/{v}"
+        return pipe
+
+    def _versions(self):
+        return self.client.search_model_versions(f"name = '{self.name}'")
+
+    def _has_manifest(self, info: VersionInfo) -> bool:
+        try:
+            names = {Path(f.path).name for f in self.client.list_artifacts(info.run_id, ARTIFACT_PATH)} if info.run_id else set()
+        except Exception:  # noqa: BLE001 - an unreadable store reads as "no"
+            return False
+        return MANIFEST in names
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions (what the CLI calls)
+# ---------------------------------------------------------------------------------------------
+def register_bundle(bundle_dir: str | Path, tracking_cfg: TrackingConfig, workdir: str | Path,
+                    name: str = MODEL_NAME, tags: Mapping[str, Any] | None = None, verify: bool = True) -> str:
+    """Register a bundle directory as a new version of ``name``; returns the version number."""
+    return Registry.from_config(tracking_cfg, workdir, name).register(bundle_dir, tags=tags, verify=verify).version
+
+
+def promote(version: str | int, tracking_cfg: TrackingConfig, workdir: str | Path,
+            name: str = MODEL_NAME) -> dict[str, str]:
+    """Move ``champion`` to ``version`` (the old champion becomes ``previous``); returns the aliases."""
+    return Registry.from_config(tracking_cfg, workdir, name).promote(version)
+
+
+def rollback(tracking_cfg: TrackingConfig, workdir: str | Path, name: str = MODEL_NAME) -> dict[str, str]:
+    """Swap ``champion`` and ``previous``; returns the aliases."""
+    return Registry.from_config(tracking_cfg, workdir, name).rollback()
+
+
+def resolve_alias(tracking_cfg: TrackingConfig, workdir: str | Path, alias: str = CHAMPION,
+                  name: str = MODEL_NAME) -> str:
+    """The version number ``alias`` points at."""
+    return Registry.from_config(tracking_cfg, workdir, name).resolve(alias).version
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def check_bundle(bundle: Path, verify: bool = True) -> dict:
+    """The manifest of a complete bundle directory; refuses missing parts and pickled files."""
+    manifest = read_manifest(bundle)  # exists, JSON, right format
+    missing = [f for f in REQUIRED_FILES if not (bundle / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle {bundle} lacks {', '.join(missing)}: not a complete visgen bundle")
+    pickled = sorted(p.name for p in bundle.iterdir() if p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt"))
+    if pickled:
+        raise ValueError(f"bundle {bundle} holds pickle-format files {pickled}: bundles carry only safetensors and JSON")
+    if verify:
+        from visgen.pipeline import Pipeline
+
+        Pipeline.load(bundle, device="cpu")  # fingerprints and shapes agree, or this raises
+    return manifest
+
+
+def bundle_sha256(bundle: Path) -> str:
+    """Content hash over the bundle's files (names and bytes, in name order)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in bundle.rglob("*") if q.is_file()):
+        h.update(p.relative_to(bundle).as_posix().encode() + b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_tags(manifest: dict) -> dict[str, str]:
+    """Version tags from a manifest: eval headline numbers, fingerprints, format and versions."""
+    tags = {"visgen.format": str(manifest.get("format")), "visgen.version": str(manifest.get("visgen_version")),
+            "created": str(manifest.get("created"))}
+    for part in ("lm", "image_tokenizer", "text_tokenizer"):
+        fp = (manifest.get(part) or {}).get("fingerprint")
+        if fp:
+            tags[f"{part}.fingerprint"] = str(fp)
+    params = (manifest.get("lm") or {}).get("params")
+    if params is not None:
+        tags["lm.params"] = str(params)
+    for key, value in (manifest.get("eval") or {}).items():
+        tags[f"eval.{key}"] = _param_str(value)
+    if "eval" not in manifest:
+        tags["eval.status"] = "not evaluated"
+    return tags
+
+
+def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _version_str(version: str | int) -> str:
+    v = str(version).strip()
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"a model version is a positive integer, got {version!r}")
+    return str(int(v))
+
+
+def _check_alias(alias: str) -> None:
+    if not isinstance(alias, str) or not _ALIAS.match(alias):
+        raise ValueError(f"alias {alias!r} must start with a letter or '_' and hold only letters, digits, '_' and '-'")
+
+
+def _info(mv) -> VersionInfo:
+    return VersionInfo(name=mv.name, version=str(mv.version), source=mv.source, run_id=mv.run_id,
+                       tags=dict(mv.tags or {}), aliases=tuple(getattr(mv, "aliases", None) or ()))

@@ -1,0 +1,195 @@
+"""Scheduled retraining behind an evaluation gate.
+
+One retrain (``visgen retrain --pipeline P`` / ``jobs/retrain.py``, run by a schedule):
+
+1. take a lock under the workdir — a second retrain started meanwhile says so and exits 0
+   without doing anything, so a schedule can never run two at once;
+2. find the shards the champion has not seen (its bundle's manifest lists the shards it was
+   trained on); none → exit 0, "nothing new";
+3. build the token cache over every shard (new + replayed old ones) with the champion's own
+   frozen tokenizers, and continue training the champion's transformer on it for
+   ``retrain.steps`` steps (a new Ray Train run; checkpoints, resume and tracking as usual);
+4. evaluate challenger and champion on the same held-out shards with the same benchmark;
+5. register the challenger; promote it only when it beats the champion by ``retrain.margin``
+   on the gate metric, otherwise tag the version with why not. The old champion stays as
+   ``previous`` for ``visgen rollback``; Serve replicas follow the alias by themselves.
+
+Every decision is written to ``<workdir>/retrain/<stamp>/decision.json`` and returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from visgen.config import Section, replace
+
+log = logging.getLogger("visgen.retrain")
+
+
+class RetrainConfig(Section):
+    """How scheduled retraining continues the champion and when the challenger replaces it."""
+
+    steps: int = Field(200, ge=1, le=10_000_000, description="Optimiser steps continuing the champion on new + replayed data.")
+    lr: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate of the continued training (warmup, then cosine).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps of the continued training.")
+    gate_metric: Literal["geneval_overall", "caption_slot_accuracy"] = Field(
+        "geneval_overall", description="Evaluation number the challenger must improve to be promoted.")
+    margin: float = Field(0.0, ge=-1.0, le=1.0, description="Promote only when challenger - champion >= margin on gate_metric.")
+
+
+class RetrainBusy(RuntimeError):
+    """Another retrain holds the lock."""
+
+
+@contextlib.contextmanager
+def retrain_lock(workdir: Path):
+    """An exclusive, non-blocking lock on ``<workdir>/retrain.lock`` (released when the process dies)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "retrain.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "unknown"
+            raise RetrainBusy(f"another retrain holds {path} ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _shard_key(entry) -> tuple:
+    path, size, mtime = (list(entry) + [None, None])[:3]
+    return (path, size, mtime)
+
+
+def unseen_shards(spec, manifest: dict) -> tuple[list[str], list[str]]:
+    """(all current shards, those not in the champion's training manifest — new or rewritten)."""
+    from visgen.data.sources import expand_source
+    from visgen.stages import _source_signature
+
+    current = _source_signature(expand_source(spec.data.ingest.source))
+    seen = {_shard_key(e) for e in manifest.get("shards") or []}
+    return [c[0] for c in current], [c[0] for c in current if _shard_key(c) not in seen]
+
+
+def _shards_key(spec) -> str:
+    """A short hash of the shard list with sizes and mtimes: which data a challenger was trained on."""
+    import hashlib
+
+    from visgen.data.sources import expand_source
+    from visgen.stages import _source_signature
+
+    sig = json.dumps(_source_signature(expand_source(spec.data.ingest.source)), sort_keys=True)
+    return hashlib.sha256(sig.encode()).hexdigest()[:16]
+
+
+def retrain(spec, cfg: RetrainConfig | None = None) -> dict:
+    """One retrain attempt (see the module docstring); returns the decision record."""
+    cfg = cfg or spec.retrain
+    wd = Path(spec.workdir)
+    try:
+        with retrain_lock(wd):
+            return _retrain_locked(spec, cfg)
+    except RetrainBusy as err:
+        log.info("%s: not starting a second one", err)
+        return {"status": "busy", "reason": str(err)}
+
+
+def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
+    from visgen.data.token_cache import build_token_cache
+    from visgen.eval.bundle import evaluate_bundle
+    from visgen.pipeline import read_manifest, write_bundle
+    from visgen.registry import CHAMPION, Registry
+    from visgen.runtime import init_ray
+    from visgen.stages import _source_signature
+    from visgen.train.lm import train_lm
+
+    wd = Path(spec.workdir)
+    reg = Registry.from_config(spec.tracking, wd)
+    try:
+        champion = reg.resolve(CHAMPION)
+    except LookupError as err:
+        raise FileNotFoundError(f"nothing to retrain: {err}") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = wd / "retrain" / stamp
+    champ_dir = reg.download(champion.version, run_dir / "champion")
+    manifest = read_manifest(champ_dir)
+    shards, new = unseen_shards(spec, manifest)
+    record = {"champion": champion.version, "started": stamp, "shards": len(shards), "new_shards": new}
+    if not new:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("retrain: the champion (version %s) has seen all %d shards: nothing new to train on",
+                 champion.version, len(shards))
+        return {**record, "status": "nothing_new"}
+    data_key = _shards_key(spec)
+    tried = reg.client.search_model_versions(
+        f"name = '{reg.name}' and tag.`visgen.parent_version` = '{champion.version}' and tag.`visgen.shards` = '{data_key}'")
+    if tried:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        v = max(tried, key=lambda m: int(m.version))
+        why = v.tags.get("visgen.gate", "no decision recorded")
+        log.info("retrain: version %s already continued champion %s on exactly these shards (%s): not repeating it",
+                 v.version, champion.version, why)
+        return {**record, "status": "already_tried", "challenger": str(v.version), "reason": why}
+    log.info("retrain: %d new shard(s) since version %s: %s", len(new), champion.version,
+             ", ".join(Path(s).name for s in new[:10]))
+    init_ray()
+
+    # The champion's own tokenizers, frozen: the challenger differs only in the transformer.
+    cache = build_token_cache(spec.data.ingest, str(champ_dir / "text_tokenizer.json"), str(champ_dir),
+                              str(run_dir / "token_cache"), spec.token_cache, str(spec.paths.quarantine))
+    print(cache.format(), flush=True)
+    from visgen.models.gpt import load_gpt
+
+    model_cfg = load_gpt(champ_dir).cfg
+    train_cfg = replace(spec.lm.train, steps=cfg.steps, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, cfg.steps),
+                        checkpoint_every=min(spec.lm.train.checkpoint_every, cfg.steps))
+    res = train_lm(model_cfg, spec.lm.recipe, train_cfg, spec.lm.scaling, cache_dir=run_dir / "token_cache",
+                   image_tokenizer_dir=champ_dir, text_tokenizer=champ_dir / "text_tokenizer.json", workdir=wd,
+                   sampling=spec.sampling, tracking=spec.tracking, run_name=f"retrain-{stamp}",
+                   params={"retrain": cfg, "parent_version": champion.version}, init_from=champ_dir,
+                   export_dir=run_dir / "lm")
+    from visgen.data.sources import expand_source
+
+    challenger_dir = write_bundle(run_dir / "bundle", lm_dir=res.model_dir, image_tokenizer_dir=champ_dir,
+                                  text_tokenizer=champ_dir / "text_tokenizer.json", sampling=spec.sampling,
+                                  extra={"pipeline": spec.name, "parent_version": champion.version,
+                                         "shards": _source_signature(expand_source(spec.data.ingest.source))})
+
+    # Same held-out shards, same prompts, same seeds for both.
+    kw = dict(ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions, workdir=wd)
+    challenger_eval = evaluate_bundle(challenger_dir, eval_dir=run_dir / "eval" / "challenger",
+                                      tracking=spec.tracking, run_name=f"retrain-{stamp}", **kw)
+    champion_eval = evaluate_bundle(champ_dir, eval_dir=run_dir / "eval" / "champion", **kw)
+    new_score, old_score = challenger_eval[cfg.gate_metric], champion_eval[cfg.gate_metric]
+    version = reg.register(challenger_dir, tags={"visgen.parent_version": champion.version,
+                                                 "visgen.retrain": stamp, "visgen.shards": data_key}).version
+    record.update(challenger=version, metric=cfg.gate_metric, challenger_score=new_score,
+                  champion_score=old_score, margin=cfg.margin, steps=res.fit.step)
+    if new_score - old_score >= cfg.margin:
+        reg.client.set_model_version_tag(reg.name, version, "visgen.gate",
+                                         f"promoted: {cfg.gate_metric} {new_score:.4f} vs {old_score:.4f}")
+        record.update(status="promoted", aliases=reg.promote(version))
+        log.info("retrain: version %s promoted (%s %.4f vs champion %.4f, margin %.4f)", version, cfg.gate_metric,
+                 new_score, old_score, cfg.margin)
+    else:
+        why = (f"{cfg.gate_metric} {new_score:.4f} - champion v{champion.version}'s {old_score:.4f} = "
+               f"{new_score - old_score:+.4f} < margin {cfg.margin}")
+        reg.client.set_model_version_tag(reg.name, version, "visgen.gate", f"rejected: {why}")
+        record.update(status="rejected", reason=why, aliases=reg.aliases())
+        log.info("retrain: version %s not promoted: %s", version, why)
+    (run_dir / "decision.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    return record

@@ -1,0 +1,266 @@
+"""The model deployment: one loaded bundle (image tokenizer + transformer) per replica.
+
+The image tokenizer and the transformer live in the same replica on purpose. They are one
+model version (the bundle's fingerprints tie them together), so a hot reload must switch both
+at once; as two deployments, a request could meet the new transformer and the old tokenizer
+in the middle of a rollout. Keeping them together also saves a hop per request (codes would
+otherwise travel between replicas twice) and lets one ``@serve.batch`` call run prompt →
+codes → pixels for the whole batch.
+
+Batching: ``generate`` and ``caption`` requests are merged by ``@serve.batch``. Requests in one
+batch that share sampling settings run as one forward; image j of a request uses seed
+``seed + j``, so a response does not depend on what it was batched with.
+
+Hot reload: the replica follows ``model_uri``. For an alias (``models:/visgen@champion``) it
+checks the registry every ``poll_interval_s``; ``reconfigure(user_config)`` (``serve deploy`` with
+a new ``user_config``) switches at once. The new version is loaded next to the old one in a
+thread, then swapped in with one assignment; each batch holds the pipeline it started with, so
+requests in flight finish on the old version and none fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ray import serve
+
+from visgen.serve.config import ServeConfig
+from visgen.serve.inputs import encode_png
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Served:
+    """One loaded model version and what the API reports about it."""
+
+    pipe: Any  # visgen.Pipeline
+    info: dict = field(default_factory=dict)
+    # The transformer's KV cache is module state: one forward at a time per pipeline.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# A loader maps (model_uri, tracking_uri, device) to (pipeline, info); tests inject their own.
+Loader = Callable[[str, str | None, str], tuple[Any, dict]]
+# A version probe maps (model_uri, tracking_uri) to the version the URI points at now (None: fixed).
+Probe = Callable[[str, str | None], str | None]
+
+
+def load_model(model_uri: str, tracking_uri: str | None, device: str) -> tuple[Any, dict]:
+    """Load a registered version (``models:/NAME@ALIAS`` or ``models:/NAME/V``) or a bundle directory."""
+    from visgen.pipeline import Pipeline, read_manifest
+
+    if model_uri.startswith("models:/"):
+        from visgen.registry import MODEL_NAME, Registry
+
+        if tracking_uri is None:
+            raise ValueError(f"serving {model_uri} needs a tracking URI (the registry's store)")
+        name = model_uri[len("models:/"):].split("@")[0].split("/")[0] or MODEL_NAME
+        reg = Registry(tracking_uri, name=name)
+        version = reg.resolve_uri(model_uri)
+        pipe = reg.load(version.version, device=device)
+        info = {"name": name, "version": version.version, "aliases": list(version.aliases),
+                "eval": version.eval, "run_id": version.run_id}
+    else:
+        pipe = Pipeline.load(model_uri, device=device)
+        manifest = read_manifest(Path(model_uri))
+        info = {"name": Path(model_uri).name, "version": "local-" + manifest["lm"]["fingerprint"][:12],
+                "aliases": [], "eval": {k: str(v) for k, v in (manifest.get("eval") or {}).items()}, "run_id": None}
+    return pipe, info
+
+
+def probe_version(model_uri: str, tracking_uri: str | None) -> str | None:
+    """The version an alias URI points at now; None for URIs that cannot move."""
+    if not (model_uri.startswith("models:/") and "@" in model_uri) or tracking_uri is None:
+        return None
+    from visgen.registry import Registry
+
+    name = model_uri[len("models:/"):].split("@")[0]
+    return Registry(tracking_uri, name=name).resolve_uri(model_uri).version
+
+
+class VisgenModel:
+    """Serve deployment body (wrapped by :func:`visgen.serve.app.build_app`)."""
+
+    def __init__(self, cfg: dict, tracking_uri: str | None, loader: Loader | None = None, probe: Probe | None = None):
+        import torch
+
+        self.cfg = ServeConfig.model_validate(cfg)
+        torch.set_num_threads(max(1, int(self.cfg.model_num_cpus)))
+        self._loader, self._probe = loader or load_model, probe or probe_version
+        self._tracking_uri = tracking_uri
+        self._model_uri = self.cfg.model_uri
+        self._poll_s = self.cfg.poll_interval_s
+        self._reload_lock = asyncio.Lock()
+        self._last_error: str | None = None
+        self._failures = 0  # consecutive batches that failed inside the model
+        self._served = self._load(self._model_uri)
+        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._caption_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._caption_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._poller: asyncio.Task | None = None
+        self._ensure_poller()
+
+    # -- loading and hot reload -------------------------------------------------------------------
+    def _load(self, model_uri: str) -> Served:
+        t0 = time.perf_counter()
+        pipe, info = self._loader(model_uri, self._tracking_uri, self.cfg.device)
+        info = {**info, "model_uri": model_uri, "resolution": pipe.resolution, "grid": list(pipe.grid),
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        log.info("loaded %s version %s in %.1f s", model_uri, info.get("version"), time.perf_counter() - t0)
+        return Served(pipe=pipe, info=info)
+
+    async def _switch(self, model_uri: str, version: str | None, why: str) -> None:
+        """Load ``model_uri`` beside the current model, then swap it in (requests in flight keep theirs)."""
+        async with self._reload_lock:
+            if version is not None and version == self._served.info.get("version") and model_uri == self._model_uri:
+                return
+            try:
+                new = await asyncio.to_thread(self._load, model_uri)
+            except Exception as err:  # noqa: BLE001 - a bad new version must not take the old one down
+                self._last_error = f"{why}: could not load {model_uri}: {type(err).__name__}: {err}"
+                log.error("%s; still serving version %s", self._last_error, self._served.info.get("version"))
+                return
+            old = self._served.info.get("version")
+            self._served, self._model_uri, self._last_error = new, model_uri, None
+            log.info("%s: switched from version %s to %s", why, old, new.info.get("version"))
+
+    def _ensure_poller(self) -> None:
+        if self._poller is not None or self._poll_s <= 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # constructed outside the event loop: started by the first health check instead
+        self._poller = loop.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                version = await asyncio.to_thread(self._probe, self._model_uri, self._tracking_uri)
+            except Exception as err:  # noqa: BLE001 - registry down: keep serving what we have
+                log.warning("could not resolve %s (%s: %s); still serving version %s", self._model_uri,
+                            type(err).__name__, err, self._served.info.get("version"))
+                continue
+            if version is not None and version != self._served.info.get("version"):
+                await self._switch(self._model_uri, version, f"alias of {self._model_uri} moved to version {version}")
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """``user_config``: ``model_uri`` (switch to it now, or re-resolve the same alias) and/or ``poll_interval_s``."""
+        unknown = set(user_config or {}) - {"model_uri", "poll_interval_s"}
+        if unknown:
+            raise ValueError(f"user_config keys {sorted(unknown)} are unknown; allowed: model_uri, poll_interval_s")
+        cfg = self.cfg.model_copy(update={k: v for k, v in (user_config or {}).items()})
+        ServeConfig.model_validate(cfg.model_dump())  # same limits as the spec
+        if "poll_interval_s" in user_config:
+            self._poll_s = float(user_config["poll_interval_s"])
+            if self._poller is not None:
+                self._poller.cancel()
+                self._poller = None
+            self._ensure_poller()
+        uri = user_config.get("model_uri", self._model_uri)
+        version = await asyncio.to_thread(self._probe, uri, self._tracking_uri) if uri.startswith("models:/") and "@" in uri else None
+        if uri != self._model_uri or (version is not None and version != self._served.info.get("version")):
+            await self._switch(uri, None, f"reconfigure to {uri}")
+
+    # -- requests ---------------------------------------------------------------------------------
+    def info(self) -> dict:
+        self._ensure_poller()
+        served = self._served
+        return {**served.info, "sampling": served.pipe.sampling.model_dump(), "reload_error": self._last_error}
+
+    async def generate(self, job: dict) -> dict:
+        return await self._generate_batch(job)
+
+    async def caption(self, job: dict) -> dict:
+        return await self._caption_batch(job)
+
+    async def edit(self, job: dict) -> dict:
+        served = self._served
+        return (await asyncio.to_thread(self._guarded, served, self._run_edit, [job]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, jobs: list[dict]) -> list[dict]:
+        served = self._served  # the whole batch runs on one version, even if a reload lands meanwhile
+        return await asyncio.to_thread(self._guarded, served, self._run_generate, jobs)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _caption_batch(self, jobs: list[dict]) -> list[dict]:
+        served = self._served
+        return await asyncio.to_thread(self._guarded, served, self._run_caption, jobs)
+
+    def _guarded(self, served: Served, fn, jobs: list[dict]) -> list[dict]:
+        """Run ``fn`` under the pipeline's lock; a failure answers each job with an error, not a dead batch."""
+        with served.lock:
+            try:
+                out = fn(served, jobs)
+                self._failures = 0
+                return out
+            except ValueError as err:  # a request the model itself refuses
+                return [{"error": str(err), "status": 422, "version": served.info.get("version")}] * len(jobs)
+            except Exception as err:  # noqa: BLE001 - counted; check_health restarts a replica that keeps failing
+                self._failures += 1
+                log.exception("model call failed (%d in a row)", self._failures)
+                return [{"error": f"{type(err).__name__}: {err}", "status": 500,
+                         "version": served.info.get("version")}] * len(jobs)
+
+    @staticmethod
+    def _run_generate(served: Served, jobs: list[dict]) -> list[dict]:
+        import torch
+
+        pipe, version = served.pipe, served.info.get("version")
+        results: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            kw = pipe._sampling(job.get("cfg_scale"), job.get("temperature"), job.get("top_k"), job.get("top_p"))
+            groups.setdefault(tuple(sorted(kw.items())), []).append(i)
+        for key, idx in groups.items():
+            prompts = [jobs[i]["prompt"] for i in idx for _ in range(jobs[i]["n"])]
+            seeds = torch.cat([jobs[i]["seed"] + torch.arange(jobs[i]["n"], dtype=torch.long) for i in idx])
+            with torch.no_grad():
+                codes = pipe.lm.generate_images(pipe.text_regions(prompts), seeds.to(pipe.device), **dict(key))
+            images = pipe.decode_codes(codes)
+            at = 0
+            for i in idx:
+                n = jobs[i]["n"]
+                results[i] = {"images": [encode_png(im) for im in images[at:at + n]], "version": version,
+                              "batch": len(jobs)}
+                at += n
+        return results
+
+    @staticmethod
+    def _run_caption(served: Served, jobs: list[dict]) -> list[dict]:
+        import torch
+
+        pipe, version = served.pipe, served.info.get("version")
+        codes = pipe.encode_images([np.asarray(j["image"], dtype=np.uint8) for j in jobs])  # (B, N)
+        seeds = torch.tensor([j.get("seed", 0) for j in jobs], dtype=torch.long, device=pipe.device)
+        ids = pipe.lm.generate_text(codes, seeds, temperature=pipe.sampling.caption_temperature)
+        return [{"caption": pipe.tokenizer.decode(t), "version": version, "batch": len(jobs)} for t in ids]
+
+    @staticmethod
+    def _run_edit(served: Served, jobs: list[dict]) -> list[dict]:
+        pipe, version = served.pipe, served.info.get("version")
+        out = []
+        for j in jobs:
+            image = pipe.edit(np.asarray(j["image"], dtype=np.uint8), j["prompt"], keep_rows=int(j["keep_rows"]),
+                              seed=j.get("seed", 0), cfg_scale=j.get("cfg_scale"), temperature=j.get("temperature"),
+                              top_k=j.get("top_k"), top_p=j.get("top_p"))
+            out.append({"images": [encode_png(image)], "version": version})
+        return out
+
+    # -- health -----------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Unhealthy after three failed model calls in a row: Serve then replaces this replica."""
+        self._ensure_poller()
+        if self._failures >= 3:
+            raise RuntimeError(f"the model failed {self._failures} calls in a row (last: see the replica log)")
