@@ -33,6 +33,8 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/lm_decode.py
+	$(BIN)/python bench/lm_feed.py
 
 clean:
 	rm -rf work .pytest_cache
