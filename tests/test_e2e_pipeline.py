@@ -146,3 +146,6 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "skipped" in out.stdout and "up to date" in (out.stdout + out.stderr)
     assert "token cache" in out.stdout and "reused" in (out.stdout + out.stderr)
+    # an unchanged model is not registered again: same bundle, same results, still version 1
+    assert "bundle" in out.stderr and "is up to date" in out.stderr and "already evaluated" in out.stderr
+    assert [str(v.version) for v in client.search_model_versions("name = 'visgen'")] == ["1"]

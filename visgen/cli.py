@@ -210,7 +210,7 @@ def cmd_train_lm(args):
 def cmd_eval_lm(args):
     from visgen import stages
 
-    ev = stages.eval_lm(spec_from_args(args), bundle_dir=args.bundle, run_name=args.run_name)
+    ev = stages.eval_lm(spec_from_args(args), bundle_dir=args.bundle, run_name=args.run_name, force=args.force)
     _print_json({k: v for k, v in ev.items() if not isinstance(v, (dict, list))})
 
 
@@ -385,6 +385,7 @@ EXTRA_FLAGS = {
     ("eval", "lm"): [
         ("--bundle", {"help": "model bundle directory or MLflow URI (default: <workdir>/models/bundle)"}),
         ("--run-name", {"help": "MLflow run to log the results to (default: lm)"}),
+        ("--force", {"action": "store_true", "help": "evaluate again even when the bundle has results for these settings"}),
     ],
     ("register",): [
         ("bundle", {"nargs": "?", "metavar": "BUNDLE", "help": "bundle directory (default: <workdir>/models/bundle)"}),

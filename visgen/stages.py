@@ -133,16 +133,31 @@ def train_lm(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
                   params={"pipeline": spec.dump()}, run_name=run_name or RUN_NAME, crash_at=crash_at)
 
 
-def bundle(spec: PipelineSpec) -> Path:
-    """Assemble ``<workdir>/models/bundle`` from the trained transformer and tokenizers."""
-    from visgen.pipeline import write_bundle
+def bundle(spec: PipelineSpec, force: bool = False) -> Path:
+    """Assemble ``<workdir>/models/bundle`` from the trained transformer and tokenizers; an existing
+    bundle of the same parts, sampling defaults and shards is kept as it is (with its eval results),
+    so re-running the pipeline does not register a new version of an unchanged model."""
+    from visgen.models.gpt import CONFIG_FILE as LM_JSON
+    from visgen.models.vq import CONFIG_FILE as VQ_JSON
+    from visgen.pipeline import read_manifest, write_bundle
+    from visgen.text.tokenizer import TextTokenizer
 
-    lm_dir = spec.paths.models / "lm"
-    if not (lm_dir / "lm.json").is_file():
+    lm_dir, vq_dir = spec.paths.models / "lm", _trained_image_tokenizer(spec)
+    if not (lm_dir / LM_JSON).is_file():
         raise FileNotFoundError(f"no trained transformer in {lm_dir}; run `visgen train lm --pipeline ...` first")
-    out = write_bundle(spec.paths.bundle, lm_dir=lm_dir, image_tokenizer_dir=_trained_image_tokenizer(spec),
-                       text_tokenizer=spec.paths.text_tokenizer, sampling=spec.sampling,
-                       extra={"pipeline": spec.name, "shards": _source_signature(_shard_list(spec))})
+    shards = _source_signature(_shard_list(spec))
+    out = spec.paths.bundle
+    if not force and (out / "manifest.json").is_file():
+        old = read_manifest(out)
+        same = (old.get("lm", {}).get("fingerprint") == json.loads((lm_dir / LM_JSON).read_text())["fingerprint"]
+                and old.get("image_tokenizer", {}).get("fingerprint") == json.loads((vq_dir / VQ_JSON).read_text())["fingerprint"]
+                and old.get("text_tokenizer", {}).get("fingerprint") == TextTokenizer.load(spec.paths.text_tokenizer).fingerprint()
+                and old.get("sampling") == spec.sampling.model_dump(mode="json") and old.get("shards") == shards)
+        if same:
+            log.info("bundle %s is up to date (same parts, sampling and shards); keeping it", out)
+            return out
+    out = write_bundle(out, lm_dir=lm_dir, image_tokenizer_dir=vq_dir, text_tokenizer=spec.paths.text_tokenizer,
+                       sampling=spec.sampling, extra={"pipeline": spec.name, "shards": shards})
     log.info("bundle written to %s", out)
     return out
 
@@ -153,14 +168,23 @@ def _shard_list(spec: PipelineSpec) -> list[str]:
     return expand_source(spec.data.ingest.source)
 
 
-def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: str | None = None) -> dict:
-    """GenEval-shapes and the caption benchmark on the bundle (default: the pipeline's own)."""
-    from visgen.eval.bundle import evaluate_bundle
+def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: str | None = None,
+            force: bool = False) -> dict:
+    """GenEval-shapes and the caption benchmark on the bundle (default: the pipeline's own). A bundle
+    already evaluated with the same benchmark settings on the same held-out data keeps its results."""
+    from visgen.eval.bundle import eval_identity, evaluate_bundle
     from visgen.train.lm import RUN_NAME
 
     d = Path(bundle_dir) if bundle_dir else spec.paths.bundle
     if not (d / "manifest.json").is_file():
         raise FileNotFoundError(f"no model bundle in {d}; run `visgen train lm --pipeline ...` (it writes the bundle) first")
+    identity = eval_identity(spec.data.ingest, spec.eval.geneval, spec.eval.captions)
+    done = d / "eval.json"
+    if not force and done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous.get("identity") == identity:
+            log.info("bundle %s was already evaluated with these settings on this held-out data; keeping the results", d)
+            return previous
     init_ray()
     return evaluate_bundle(d, ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions,
                            workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME)

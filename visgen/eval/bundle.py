@@ -61,6 +61,23 @@ def geneval_bundle(pipe, cfg: Any, out_dir: Path, judge=None) -> dict:
     return result
 
 
+def eval_identity(ingest: Any, geneval: Any, captions: Any) -> dict:
+    """What an evaluation result depends on besides the model: benchmark settings and held-out data."""
+    from visgen.data.sources import expand_source, split_shards
+
+    shards = expand_source(ingest.source)
+    holdout = split_shards(shards, ingest.holdout_shards, "holdout") if ingest.holdout_shards else []
+    sizes = []
+    for p in holdout:
+        try:
+            st = Path(p).stat()
+            sizes.append([p, st.st_size, st.st_mtime_ns])
+        except OSError:
+            sizes.append([p, None, None])
+    return {"geneval": geneval.model_dump(mode="json"), "captions": captions.model_dump(mode="json"),
+            "resolution": ingest.resolution, "holdout": sizes}
+
+
 def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captions: Any, workdir: str | Path,
                     tracking: Any = None, run_name: str = "lm", device: str = "auto",
                     eval_dir: str | Path | None = None) -> dict:
@@ -94,7 +111,7 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
         "sampling": pipe.sampling.model_dump(),
         "eval_s": round(time.perf_counter() - t0, 1), "geneval_s": round(t_gen, 1),
     }
-    full = {**summary, "geneval": {k: gen[k] for k in ("overall", "tasks", "by_language") if k in gen},
+    full = {**summary, "identity": eval_identity(ingest, geneval, captions), "geneval": {k: gen[k] for k in ("overall", "tasks", "by_language") if k in gen},
             "captions": {k: v for k, v in cap.items() if k != "per_caption"},
             "caption_examples": cap.get("per_caption", [])[:32]}
     out = ev_dir / "lm.json"
