@@ -100,3 +100,14 @@ def test_batch_must_divide_over_workers(ray_session, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=5 does not divide over 2 workers"):
         fit(ImageTokenizerTask(vq_config("tiny")), train=TrainConfig(steps=1, batch_size=5),
             scaling=ScalingConfig(num_workers=2), run_name="r", storage_path=tmp_path, datasets={"train": ds})
+
+
+def test_auto_sizes_gpu_workers_from_the_gpu_nodes_only():
+    # Big CPU-only nodes must not make a GPU worker ask for more CPUs than a GPU node has.
+    mixed = Capacity(nodes=(NodeShape(cpus=8, gpus=1, count=2), NodeShape(cpus=16, gpus=0, count=4)), source="live nodes")
+    r = resolve_scaling(ScalingConfig(num_workers=2, data_cpus=2), mixed)
+    assert r.use_gpu and r.cpus_per_worker == 7.0  # (2 x 8 GPU-node CPUs - 2) / 2, not capped at 16
+    one = resolve_scaling(ScalingConfig(num_workers=1, data_cpus=1), mixed)
+    assert one.cpus_per_worker == 8.0
+    cpu = resolve_scaling(ScalingConfig(num_workers=2, use_gpu=False, data_cpus=2), mixed)
+    assert cpu.cpus_per_worker == 16.0  # CPU training may use the big nodes

@@ -158,13 +158,18 @@ def resolve_scaling(cfg: ScalingConfig, capacity: Capacity | None = None) -> Wor
     gpus = cfg.gpus_per_worker if use_gpu else 0.0
     notes: list[str] = []
     if cfg.cpus_per_worker == "auto":
-        spare = cap.total_cpus - cfg.data_cpus
+        # A GPU worker's CPUs must sit on a node with its GPU: size from those nodes only (CPU-only
+        # nodes can still run the Ray Data tasks).
+        hosts = [nd for nd in cap.nodes if nd.gpus >= gpus] if gpus else list(cap.nodes)
+        host_cpus = sum(nd.cpus * nd.count for nd in hosts) if hosts else cap.total_cpus
+        node_max = max((nd.cpus for nd in hosts), default=cap.max_node_cpus)
+        spare = host_cpus - cfg.data_cpus
         if spare <= _EPS:
             raise InsufficientResourcesError(
                 f"no CPU left for {n} training worker(s): the cluster has {cap.describe()} and scaling.data_cpus="
                 f"{cfg.data_cpus:g} keeps {cfg.data_cpus:g} for Ray Data; lower data_cpus or add CPUs")
         # Hundredths of a CPU: Ray accepts fractions, and rounding down keeps the sum within the budget.
-        cpus = math.floor(min(spare / n, cap.max_node_cpus) * 100) / 100
+        cpus = math.floor(min(spare / n, node_max) * 100) / 100
         if cpus < 0.01:
             raise InsufficientResourcesError(
                 f"{n} training workers would get {spare / n:.4f} CPU each ({cap.describe()}, data_cpus={cfg.data_cpus:g}); "
