@@ -216,9 +216,7 @@ class PipelineSpec(BaseModel):
         data = raw.get("data")
         if not isinstance(data, dict) or "ingest" not in data:
             raise SpecError("invalid spec:\ndata.ingest: required section is missing (the shard source and preprocessing)")
-        data_unknown = sorted(set(data) - {"synth", "ingest"})
-        if data_unknown:
-            raise SpecError("invalid spec:\n" + "\n".join(f"data.{k}: unknown key; allowed: synth, ingest" for k in data_unknown))
+        _check_keys(data, "data", ("synth", "ingest"))
         ingest = _validate_at(s["IngestConfig"], data["ingest"], "data.ingest")
         out["data"] = DataSpec(
             synth=_validate_at(s["SynthConfig"], data["synth"], "data.synth") if data.get("synth") is not None else None,
@@ -347,9 +345,7 @@ def _validate_at(cls: type[BaseModel], data: Any, path: str) -> Any:
 
 
 def _image_tokenizer_section(raw: dict, ingest, s: dict) -> ImageTokenizerSpec:
-    unknown = sorted(set(raw) - {"model", "train", "scaling"})
-    if unknown:
-        raise SpecError("invalid spec:\n" + "\n".join(f"image_tokenizer.{k}: unknown key; allowed: model, train, scaling" for k in unknown))
+    _check_keys(raw, "image_tokenizer", ("model", "train", "scaling"))
     model = dict(raw.get("model") or {})
     preset = model.pop("preset", "small")
     presets = s["VQ_PRESETS"]

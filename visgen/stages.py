@@ -29,14 +29,10 @@ def synth(spec: PipelineSpec, overwrite: bool = False):
 
 
 def _source_signature(paths: list[str]) -> list[list]:
-    sig = []
-    for p in paths:
-        try:
-            st = Path(p).stat()
-            sig.append([p, st.st_size, int(st.st_mtime)])
-        except OSError:  # object-store URLs: the name is what we have
-            sig.append([p, None, None])
-    return sig
+    """``[path, size, mtime_ns]`` per shard: the one signature every reuse check compares."""
+    from visgen.data.token_cache import shard_signature
+
+    return shard_signature(paths)
 
 
 def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:

@@ -64,18 +64,12 @@ def geneval_bundle(pipe, cfg: Any, out_dir: Path, judge=None) -> dict:
 def eval_identity(ingest: Any, geneval: Any, captions: Any) -> dict:
     """What an evaluation result depends on besides the model: benchmark settings and held-out data."""
     from visgen.data.sources import expand_source, split_shards
+    from visgen.data.token_cache import shard_signature
 
     shards = expand_source(ingest.source)
     holdout = split_shards(shards, ingest.holdout_shards, "holdout") if ingest.holdout_shards else []
-    sizes = []
-    for p in holdout:
-        try:
-            st = Path(p).stat()
-            sizes.append([p, st.st_size, st.st_mtime_ns])
-        except OSError:
-            sizes.append([p, None, None])
     return {"geneval": geneval.model_dump(mode="json"), "captions": captions.model_dump(mode="json"),
-            "resolution": ingest.resolution, "holdout": sizes}
+            "resolution": ingest.resolution, "holdout": shard_signature(holdout)}
 
 
 def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captions: Any, workdir: str | Path,
