@@ -232,6 +232,61 @@ def test_bearer_token_and_request_id(env):
 
 
 @pytest.mark.slow
+def test_playground_in_headless_chromium(env, pipes, tmp_path):
+    """The page as a person uses it: token, a Chinese prompt → images, an upload → its caption, the version."""
+    from browser import chromium
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    found = chromium()
+    if isinstance(found, str):
+        pytest.skip(f"headless Chromium unavailable: {found}")
+    browser, driver_path = found
+    opts = Options()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1100"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        wait = WebDriverWait(driver, 90)
+        driver.get(env["url"] + "/")
+        text = lambda element_id: driver.find_element(By.ID, element_id).text  # noqa: E731
+        wait.until(lambda d: "unavailable" in text("model"))  # this server wants a token
+        assert "bearer token" in text("model")
+        driver.find_element(By.TAG_NAME, "summary").click()
+        driver.find_element(By.ID, "token").send_keys(TOKEN + "\t")  # leaving the field reloads the model info
+        wait.until(lambda d: "version 1" in text("model"))
+        assert text("model").startswith("visgen version 1") and "geneval_overall 0.5" in text("model")
+
+        prompt = "两个绿色的三角形"
+        driver.find_element(By.ID, "prompt").send_keys(prompt)
+        n = driver.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("2")
+        driver.find_element(By.ID, "gen-button").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img.generated")) == 2)
+        shown = [im.get_attribute("src") for im in driver.find_elements(By.CSS_SELECTOR, "#images img.generated")]
+        for src, ref in zip(shown, pipes[0].generate(prompt, n=2, seed=0)):
+            assert src.startswith("data:image/png;base64,")
+            np.testing.assert_array_equal(_decode(src.split(",", 1)[1]), ref)
+        assert "2 image(s) from version 1" in text("gen-status")
+
+        upload = tmp_path / "upload.png"
+        upload.write_bytes(_png(16, seed=4))
+        driver.find_element(By.ID, "file").send_keys(str(upload))
+        driver.find_element(By.ID, "cap-button").click()
+        wait.until(lambda d: text("cap-status").startswith("version"))
+        want = env["http"].post(env["url"] + "/v1/caption", files={"image": ("u.png", upload.read_bytes(), "image/png")})
+        assert text("caption") == want.json()["caption"] and text("cap-status") == "version 1"
+        driver.save_screenshot(str(tmp_path / "playground.png"))
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
 def test_hot_reload_under_traffic_has_no_failed_request(env):
     """Promote v2 while clients hammer the app: every request answers 200, and v2 takes over."""
     from ray import serve
@@ -272,3 +327,45 @@ def test_hot_reload_under_traffic_has_no_failed_request(env):
     assert len(seen) > 20 and statuses.count(200) == len(statuses), [s for s in statuses if s != 200]
     assert versions[0] == v1 and v2 in versions and versions[-1] == v1
     assert env["http"].get(url + "/v1/model").json()["model_uri"] == f"models:/visgen/{v1}"
+
+
+@pytest.mark.slow
+def test_health_check_replaces_a_replica_whose_model_keeps_failing(env):
+    """A replica whose model raises on every call reports unhealthy; Serve swaps in a fresh one.
+
+    A second app (its own replica, fast health checks) is driven into that state through its
+    deployment handle with jobs the model cannot run (the ingress never sends those); the
+    errors are real exceptions inside the replica's model code.
+    """
+    from ray import serve
+
+    cfg = env["cfg"].model_copy(update={"app_name": "visgen-health", "model_uri": f"models:/visgen/{env['versions'][0]}",
+                                        "poll_interval_s": 0, "health_check_period_s": 0.5,
+                                        "unhealthy_after_failures": 2})
+    serve.run(build_app(cfg, env["reg"].tracking_uri, runtime_env={"env_vars": {"VISGEN_TEST_SERVE_TOKEN": TOKEN}}),
+              name="visgen-health", route_prefix="/health-test")
+    try:
+        url, http = env["url"] + "/health-test", env["http"]
+        before = http.get(url + "/v1/model").json()["replica"]
+        assert before not in ("", "local")
+        handle = serve.get_deployment_handle("VisgenModel", app_name="visgen-health")
+        broken = {"prompt": "a red circle", "n": 1, "seed": "not-a-number", "cfg_scale": None, "temperature": None,
+                  "top_k": None, "top_p": None}
+        for _ in range(2):
+            out = handle.generate.remote(broken).result(timeout_s=60)
+            assert out["status"] == 500 and "TypeError" in out["error"], out
+        deadline, after = time.time() + 90, before
+        while time.time() < deadline and after == before:
+            time.sleep(0.5)
+            try:
+                r = http.get(url + "/v1/model", timeout=10)
+                after = r.json().get("replica", before) if r.status_code == 200 else before
+            except requests.RequestException:
+                pass
+        assert after != before, "Serve did not replace the failing replica within 90 s"
+        r = http.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": 3}, timeout=60)
+        assert r.status_code == 200 and r.headers["X-Model-Version"] == env["versions"][0]
+        # The main app's replica was not touched.
+        assert http.get(env["url"] + "/healthz").status_code == 200
+    finally:
+        serve.delete("visgen-health")

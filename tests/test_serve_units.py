@@ -1,9 +1,10 @@
-"""Serve pieces without Ray: the config section, request parsing and image checks."""
+"""Serve pieces without Ray: the config section, request parsing, image checks and the batch line."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from visgen.config import SpecError, validate_section
 from visgen.serve.config import ServeConfig, ServeLimits
+from visgen.serve.model import Coalescer
 from visgen.serve.inputs import (RequestError, body_kind, decode_base64, decode_image, parse_multipart, read_body,
                                  request_models, validate, wants_png)
 
@@ -94,3 +96,64 @@ def test_request_models_carry_the_limits():
     with pytest.raises(RequestError) as err:
         validate(models["edit"], {"prompt": "hi", "image": "x", "keep_rows": 5})
     assert (err.value.field, err.value.limit) == ("keep_rows", 4)
+
+
+def _recording_model(calls: list[list[int]], delay_s: float = 0.05, fail_on: int | None = None):
+    def call(jobs: list[dict]) -> list[dict]:
+        calls.append([j["i"] for j in jobs])
+        time.sleep(delay_s)
+        if fail_on is not None and fail_on in calls[-1]:
+            raise RuntimeError(f"job {fail_on} broke the call")
+        return [{"out": j["i"] * 10} for j in jobs]
+    return call
+
+
+def test_coalescer_merges_what_waits_while_the_model_is_busy():
+    """Serve cuts a batch per wait window; whatever queued during a model call goes in the next one."""
+    calls: list[list[int]] = []
+    line = Coalescer(_recording_model(calls), max_size=4)
+
+    async def main():
+        first = asyncio.create_task(line.run([{"i": 0}]))
+        await asyncio.sleep(0.01)  # the model is now busy with job 0
+        rest = [asyncio.create_task(line.run([{"i": i}])) for i in range(1, 7)]  # six one-job "batches"
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first == [{"out": 0}] and [r[0]["out"] for r in rest] == [10, 20, 30, 40, 50, 60]
+    assert calls == [[0], [1, 2, 3, 4], [5, 6]]  # oldest first, never more than max_size per call
+
+
+def test_coalescer_failure_answers_every_job_of_that_call_and_the_line_goes_on():
+    calls: list[list[int]] = []
+    line = Coalescer(_recording_model(calls, fail_on=2), max_size=8)
+
+    async def main():
+        first = asyncio.create_task(line.run([{"i": 0}]))
+        await asyncio.sleep(0.01)
+        broken = [asyncio.create_task(line.run([{"i": i}])) for i in (1, 2)]
+        await asyncio.gather(first, *broken, return_exceptions=True)
+        return [t.exception() for t in broken], await line.run([{"i": 3}])
+
+    errors, after = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) and "job 2" in str(e) for e in errors)
+    assert after == [{"out": 30}] and calls == [[0], [1, 2], [3]]
+
+
+def test_coalescer_finishes_a_call_whose_caller_was_cancelled():
+    """A client that goes away must not strand the jobs that rode along in its model call."""
+    calls: list[list[int]] = []
+    line = Coalescer(_recording_model(calls, delay_s=0.1), max_size=8)
+
+    async def main():
+        busy = asyncio.create_task(line.run([{"i": 0}]))
+        await asyncio.sleep(0.01)
+        leaver = asyncio.create_task(line.run([{"i": 1}]))
+        stayer = asyncio.create_task(line.run([{"i": 2}]))
+        await busy  # the leaver now runs [1, 2] for both
+        await asyncio.sleep(0.02)
+        leaver.cancel()
+        return await asyncio.wait_for(stayer, 5)
+
+    assert asyncio.run(main()) == [{"out": 20}]
+    assert calls == [[0], [1, 2]]  # answered by the call already running: no repeat, no empty call

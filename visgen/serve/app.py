@@ -176,7 +176,7 @@ def _ingress_class(cfg: ServeConfig):
             self._authorize(request)
             info = await self._info()
             body = {k: info.get(k) for k in ("name", "version", "aliases", "eval", "model_uri", "resolution", "grid",
-                                              "sampling", "loaded_at", "reload_error")}
+                                              "sampling", "loaded_at", "reload_error", "replica")}
             body["limits"] = limits.model_dump(mode="json")
             return JSONResponse(body, headers={VERSION_HEADER: str(info["version"])})
 
@@ -251,6 +251,7 @@ def build_app(cfg: ServeConfig, tracking_uri: str | None = None, *, loader: Load
         scaling = {"num_replicas": cfg.num_replicas}
     model = serve.deployment(VisgenModel, name="VisgenModel").options(
         max_ongoing_requests=cfg.max_ongoing_requests, health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=cfg.health_check_timeout_s,
         ray_actor_options={"num_cpus": cfg.model_num_cpus, "num_gpus": cfg.model_num_gpus, **actor_env}, **scaling)
     ingress = serve.deployment(_ingress_class(cfg), name="Ingress").options(
         num_replicas=cfg.ingress_replicas,

@@ -60,6 +60,11 @@ class ServeConfig(Section):
     token_env: str = Field("VISGEN_SERVE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                            description="Environment variable holding the bearer token; unset or empty = no authentication.")
     health_check_period_s: float = Field(10.0, gt=0, le=3600, description="How often Serve checks each model replica.")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                          description="A model replica whose health check takes longer is replaced.")
+    unhealthy_after_failures: int = Field(3, ge=1, le=1000,
+                                          description="Consecutive failed model calls (HTTP 500s) after which the replica reports "
+                                                      "unhealthy and Serve replaces it.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Per-request limits.")
 
     @model_validator(mode="after")

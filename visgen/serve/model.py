@@ -7,9 +7,14 @@ in the middle of a rollout. Keeping them together also saves a hop per request (
 otherwise travel between replicas twice) and lets one ``@serve.batch`` call run prompt →
 codes → pixels for the whole batch.
 
-Batching: ``generate`` and ``caption`` requests are merged by ``@serve.batch``. Requests in one
-batch that share sampling settings run as one forward; image j of a request uses seed
-``seed + j``, so a response does not depend on what it was batched with.
+Batching: ``generate`` and ``caption`` requests are grouped by ``@serve.batch`` and then merged
+once more by :class:`Coalescer`. Ray Serve forms a batch as soon as its wait window closes and
+only then queues it for the (single) model, so under load it cuts many batches of 1–2 requests
+that wait in line behind the running one (measured: batches of 1–2 at 16 concurrent clients).
+The coalescer puts every waiting request in one line and, whenever the model is free, runs up to
+``max_batch_size`` of them in one call. Requests in one call that share sampling settings run as
+one forward; image j of a request uses seed ``seed + j``, so a response does not depend on what
+it was batched with.
 
 Hot reload: the replica follows ``model_uri``. For an alias (``models:/visgen@champion``) it
 checks the registry every ``poll_interval_s``; ``reconfigure(user_config)`` (``serve deploy`` with
@@ -24,6 +29,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -86,6 +92,51 @@ def probe_version(model_uri: str, tracking_uri: str | None) -> str | None:
     return Registry(tracking_uri, name=name).resolve_uri(model_uri).version
 
 
+class Coalescer:
+    """One model call at a time; each call takes up to ``max_size`` of the oldest waiting jobs.
+
+    ``run(jobs)`` queues the jobs and returns their results. Whoever holds the turn keeps calling
+    the model on the head of the line until its own jobs are answered, so jobs queued by other
+    callers meanwhile ride along in the same call instead of waiting for their own. A call in
+    progress finishes and answers its jobs even if the caller that started it is cancelled.
+    """
+
+    def __init__(self, call: Callable[[list[dict]], list[dict]], max_size: int):
+        self.call, self.max_size = call, max(1, int(max_size))
+        self._line: deque[tuple[dict, asyncio.Future]] = deque()
+        self._turn: asyncio.Lock | None = None
+        self.calls = 0
+
+    async def run(self, jobs: list[dict]) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        if self._turn is None:
+            self._turn = asyncio.Lock()  # created on the replica's loop, not in __init__
+        futures = [loop.create_future() for _ in jobs]
+        self._line.extend(zip(jobs, futures))
+        async with self._turn:
+            while not all(f.done() for f in futures):
+                if not self._line:  # ours are in a call whose caller went away; it still answers them
+                    await asyncio.wait([f for f in futures if not f.done()])
+                    break
+                take = [self._line.popleft() for _ in range(min(self.max_size, len(self._line)))]
+                await asyncio.shield(self._answer(take))
+        return [f.result() for f in futures]
+
+    async def _answer(self, take: list[tuple[dict, asyncio.Future]]) -> None:
+        self.calls += 1
+        try:
+            results = await asyncio.to_thread(self.call, [job for job, _ in take])
+        except BaseException as err:  # noqa: BLE001 - every waiting job gets the failure, none hangs
+            results = [err] * len(take)
+        for (_, future), result in zip(take, results):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 class VisgenModel:
     """Serve deployment body (wrapped by :func:`visgen.serve.app.build_app`)."""
 
@@ -101,11 +152,17 @@ class VisgenModel:
         self._reload_lock = asyncio.Lock()
         self._last_error: str | None = None
         self._failures = 0  # consecutive batches that failed inside the model
+        self._replica = _replica_id()
         self._served = self._load(self._model_uri)
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self._caption_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._caption_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # Each model call runs on the version current when it starts (a reload may land between calls).
+        self._lines = {
+            "generate": Coalescer(lambda jobs: self._guarded(self._served, self._run_generate, jobs), self.cfg.max_batch_size),
+            "caption": Coalescer(lambda jobs: self._guarded(self._served, self._run_caption, jobs), self.cfg.max_batch_size),
+        }
         self._poller: asyncio.Task | None = None
         self._ensure_poller()
 
@@ -176,7 +233,8 @@ class VisgenModel:
     def info(self) -> dict:
         self._ensure_poller()
         served = self._served
-        return {**served.info, "sampling": served.pipe.sampling.model_dump(), "reload_error": self._last_error}
+        return {**served.info, "sampling": served.pipe.sampling.model_dump(), "reload_error": self._last_error,
+                "replica": self._replica}
 
     async def generate(self, job: dict) -> dict:
         return await self._generate_batch(job)
@@ -188,15 +246,15 @@ class VisgenModel:
         served = self._served
         return (await asyncio.to_thread(self._guarded, served, self._run_edit, [job]))[0]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    # Up to 4 Serve batches reach the coalescer at once (the default 64 in-flight requests over
+    # batches of 16); it merges them, so a busy model's next call is as full as the line allows.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _generate_batch(self, jobs: list[dict]) -> list[dict]:
-        served = self._served  # the whole batch runs on one version, even if a reload lands meanwhile
-        return await asyncio.to_thread(self._guarded, served, self._run_generate, jobs)
+        return await self._lines["generate"].run(jobs)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _caption_batch(self, jobs: list[dict]) -> list[dict]:
-        served = self._served
-        return await asyncio.to_thread(self._guarded, served, self._run_caption, jobs)
+        return await self._lines["caption"].run(jobs)
 
     def _guarded(self, served: Served, fn, jobs: list[dict]) -> list[dict]:
         """Run ``fn`` under the pipeline's lock; a failure answers each job with an error, not a dead batch."""
@@ -260,7 +318,26 @@ class VisgenModel:
 
     # -- health -----------------------------------------------------------------------------------
     def check_health(self) -> None:
-        """Unhealthy after three failed model calls in a row: Serve then replaces this replica."""
+        """Serve calls this every ``health_check_period_s``; raising makes it replace this replica.
+
+        Unhealthy once ``unhealthy_after_failures`` model calls in a row failed: a replica whose
+        model keeps raising (a broken device context, corrupted state) does not heal by itself, and
+        a fresh replica reloads the model from the registry. Refused requests (4xx) do not count.
+        A hot-reload poller that died is restarted here rather than failing the replica.
+        """
+        if self._poller is not None and self._poller.done() and not self._poller.cancelled():
+            err = self._poller.exception()
+            log.error("the alias poller stopped (%s: %s); restarting it", type(err).__name__, err)
+            self._poller = None
         self._ensure_poller()
-        if self._failures >= 3:
-            raise RuntimeError(f"the model failed {self._failures} calls in a row (last: see the replica log)")
+        if self._failures >= self.cfg.unhealthy_after_failures:
+            raise RuntimeError(f"replica {self._replica}: the model failed {self._failures} calls in a row "
+                               f"(limit {self.cfg.unhealthy_after_failures}; the errors are in this replica's log)")
+
+
+def _replica_id() -> str:
+    """Serve's id of this replica (``local`` outside Serve), reported by ``/v1/model``."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - constructed outside a replica (unit tests, local mode)
+        return "local"

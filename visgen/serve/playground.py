@@ -120,6 +120,7 @@ $("cap-form").addEventListener("submit", async (ev) => {
   }
 });
 
+$("token").addEventListener("change", loadModel);  // a server with a token answers v1/model only with it
 loadModel();
 </script>
 </body>
