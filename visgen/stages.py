@@ -308,6 +308,11 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     summary["serve"] = serve_check(spec)
     print(json.dumps(summary["serve"], indent=1, ensure_ascii=False))
     summary["total_s"] = round(time.perf_counter() - t_start, 1)
+    # Machine-readable record of the run for whoever submitted it (job logs are text).
+    out = Path(spec.workdir) / "summary.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out)
     return summary
 
 
@@ -315,7 +320,7 @@ def where_to_look(spec: PipelineSpec, pipeline: str = "PIPELINE.yaml") -> str:
     from visgen.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec.tracking, spec.workdir)
-    lines = [f"artifacts:        {spec.workdir}",
+    lines = [f"artifacts:        {spec.workdir}  (this run: {Path(spec.workdir) / 'summary.json'})",
              f"quarantine table: {spec.paths.quarantine}",
              f"tokenizer eval:   {spec.paths.eval / 'image_tokenizer.json'}",
              f"model eval:       {spec.paths.eval / 'lm.json'}  (generated images: {spec.paths.eval / 'geneval'})",
