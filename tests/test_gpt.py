@@ -201,3 +201,23 @@ def test_flops_and_params_of_the_base_preset():
     assert 95e6 < m.num_params(embeddings=False) < 110e6  # blocks ~85 M + the 24.5k-row head
     assert 100e6 < m.num_params() < 130e6
     assert m.flops_per_token() > 6 * m.num_params(embeddings=False)
+
+
+def test_rmsnorm_takes_the_fused_kernel_under_bf16_autocast():
+    """q/k arrive in bf16 under autocast; a fp32 weight would push them onto the composite kernel."""
+    import warnings
+
+    from visgen.models.gpt import RMSNorm
+
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch warns when it cannot use the fused implementation
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = norm(x)
+    assert got.dtype == torch.bfloat16
+    want = torch.nn.functional.rms_norm(x.float(), (16,), norm.weight, norm.eps)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    assert norm(x.float()).dtype == torch.float32 and "weight" in norm.state_dict()  # fp32 path and checkpoints unchanged
