@@ -192,7 +192,7 @@ def bench_train(s: Sizes, device, compiled: bool, record: Recorder) -> dict:
     tok_s = s.batch * L / step_s
     row = record(source="visgen", what="train", compiled=compiled, params_M=model.num_params(embeddings=False) / 1e6,
                  batch=s.batch, seq=L, dropout=model.cfg.dropout, step_s=step_s, tokens_per_s=tok_s,
-                 mfu=tok_s * model.flops_per_token() / PEAK_BF16, first_step_s=first,
+                 mfu=tok_s * model.flops_per_token(n_t2i / s.batch) / PEAK_BF16, first_step_s=first,
                  peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else None)
     del model, opt, fwd, tokens
     free_memory()
@@ -465,8 +465,8 @@ def main(argv_: list[str] | None = None) -> list[dict]:
     if ref is not None:
         notes.append("reference decode: greedy, no CFG mixing, no VQ decode, 64 prompt tokens; "
                      "visgen's includes CFG mixing and sampling (VQ time reported separately)")
-    notes.append("visgen MFU counts the full output head per token (flops_per_token); the loss scores only "
-                 "one modality's rows at the positions that predict it, so the executed FLOPs are lower")
+    notes.append("visgen MFU counts the FLOPs the loss executes (flops_per_token): the output head only at the "
+                 "positions that predict a token, against that modality's rows (half t2i, half i2t batches)")
     record(what="elapsed", seconds=time.perf_counter() - t_start)
     for text in summary_table(record, s, notes):
         print(text)

@@ -200,7 +200,29 @@ def test_flops_and_params_of_the_base_preset():
     assert m.layout.length == 256 + 60 + 4
     assert 95e6 < m.num_params(embeddings=False) < 110e6  # blocks ~85 M + the 24.5k-row head
     assert 100e6 < m.num_params() < 130e6
-    assert m.flops_per_token() > 6 * m.num_params(embeddings=False)
+    body = m.num_params(embeddings=False) - m.head.weight.numel()
+    assert 6 * body < m.flops_per_token() < 6 * m.num_params(embeddings=False) + 12 * 12 * 768 * 320
+
+
+@pytest.mark.parametrize("n_t2i", [0, 3, 6])
+def test_flops_per_token_matches_what_the_loss_executes(n_t2i):
+    """The MFU numerator against PyTorch's own count of a forward + backward of the loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = VisGPT(gpt_config("tiny", text_vocab=320, codebook_size=64, grid=(4, 4), max_text_tokens=11))
+    lay, b = m.layout, 6
+    g = torch.Generator().manual_seed(0)
+    text = torch.tensor([lay.text_region(torch.randint(8, 320, (lay.text_slots - 1,), generator=g).tolist())
+                        for _ in range(b)])
+    image = torch.randint(0, 64, (b, lay.n_image), generator=g)
+    tokens = torch.cat([lay.t2i(text[:n_t2i], image[:n_t2i]), lay.i2t(image[n_t2i:], text[n_t2i:])])
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as counted matmuls
+        loss, _ = m(tokens, n_t2i)
+        loss.backward()
+    measured = counter.get_total_flops() / (b * lay.length)
+    assert measured == pytest.approx(m.flops_per_token(n_t2i / b), rel=0.01)
 
 
 def test_rmsnorm_takes_the_fused_kernel_under_bf16_autocast():

@@ -300,10 +300,22 @@ class VisGPT(nn.Module):
             n -= sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb, self.row_emb, self.col_emb))
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 N + 12 L d T (PaLM's MFU formula)."""
-        t = seq_len or self.layout.length
-        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.n_layer * self.cfg.d_model * t
+    def flops_per_token(self, t2i_ratio: float = 0.5) -> float:
+        """Training FLOPs per sequence slot (forward + backward), as :meth:`loss` executes them.
+
+        PaLM's MFU count, 6 N + 12 L d T, for the blocks (N: the blocks' matmul weights; T: the
+        layout length; norms and embeddings are not matmuls), plus the output head only where the loss computes it:
+        the N image positions x the codebook on t2i rows, the text slots x the text vocabulary on
+        i2t rows, mixed by ``t2i_ratio``. Counting the whole head at every slot would overstate
+        the work (and the MFU) several times over for a small model with a large vocabulary.
+        """
+        if not 0.0 <= t2i_ratio <= 1.0:
+            raise ValueError(f"t2i_ratio must be within [0, 1], got {t2i_ratio}")
+        lay, d = self.layout, self.cfg.d_model
+        body = sum(mod.weight.numel() for mod in self.blocks.modules() if isinstance(mod, nn.Linear))
+        head = 6 * d * (t2i_ratio * lay.n_image * self.cfg.codebook_size
+                        + (1 - t2i_ratio) * lay.text_slots * self.cfg.text_vocab) / lay.length
+        return 6 * body + 12 * self.cfg.n_layer * d * lay.length + head
 
     # -- forward ----------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
