@@ -1,7 +1,8 @@
 """End to end through the real entry points, as the README tells users to run them: `ray start
 --head`, then `ray job submit` of `jobs/pipeline.py` on the tiny spec over generated shards plus
-planted bad samples and bad shards; then the re-run, as `python jobs/pipeline.py`, that skips
-what is up to date. One full pipeline run serves both entry points."""
+planted bad samples and bad shards; `serve deploy jobs/serve.yaml` of the champion it registered;
+then the re-run, as `python jobs/pipeline.py`, that skips what is up to date. One full pipeline
+run serves every entry point."""
 
 from __future__ import annotations
 
@@ -111,6 +112,42 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
+def serve_deploy_and_ask(head: dict, work: Path, tmp_path: Path) -> None:
+    """`serve deploy jobs/serve.yaml` on the cluster, pointed at this run's registry: the champion answers."""
+    import requests
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    port = _free_port()
+    cfg["http_options"] = {"host": "127.0.0.1", "port": port}  # loopback, a free port; the rest as shipped
+    app = cfg["applications"][0]
+    app["args"] = {**app["args"], "pipeline": str(ROOT / "pipelines" / "shapes-tiny.yaml"),
+                   "tracking_uri": f"sqlite:///{work}/mlflow.db"}
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    serve_cli = [str(BIN / "serve")]
+    out = subprocess.run([*serve_cli, "deploy", str(config), "--address", head["address"]], env=head["env"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    try:
+        url, deadline, info = f"http://127.0.0.1:{port}", time.time() + 240, None
+        while time.time() < deadline and info is None:
+            try:
+                r = requests.get(url + "/v1/model", timeout=10)
+                info = r.json() if r.status_code == 200 else None
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        assert info is not None, "the app from serve deploy never answered /v1/model"
+        assert info["version"] == "1" and info["model_uri"] == "models:/visgen@champion"
+        r = requests.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": 1},
+                          headers={"Accept": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG") and r.headers["X-Model-Version"] == "1"
+    finally:
+        subprocess.run([*serve_cli, "shutdown", "-y", "--address", head["address"]], env=head["env"],
+                       capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.slow
 def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
     work = tmp_path / "work"
@@ -144,6 +181,7 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
         assert "succeeded" in (status.stdout + status.stderr).lower()
         again = subprocess.run(submit, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
         assert again.returncode != 0 and "already exists" in (again.stdout + again.stderr)
+        serve_deploy_and_ask(head, work, tmp_path)
     summary = json.loads((work / "summary.json").read_text())
     assert summary["pipeline"] == "shapes-tiny" and summary["total_s"] > 0
 
