@@ -157,3 +157,13 @@ def test_coalescer_finishes_a_call_whose_caller_was_cancelled():
 
     assert asyncio.run(main()) == [{"out": 20}]
     assert calls == [[0], [1, 2]]  # answered by the call already running: no repeat, no empty call
+
+
+def test_coalescer_answers_every_job_even_when_the_model_returns_too_few_results():
+    line = Coalescer(lambda jobs: [{"out": 0}], max_size=8)
+
+    async def main():
+        return await asyncio.gather(line.run([{"i": 1}, {"i": 2}]), return_exceptions=True)
+
+    (err,) = asyncio.run(asyncio.wait_for(main(), 5))
+    assert isinstance(err, RuntimeError) and "1 results for 2 jobs" in str(err)

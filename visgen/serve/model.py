@@ -120,12 +120,17 @@ class Coalescer:
                     break
                 take = [self._line.popleft() for _ in range(min(self.max_size, len(self._line)))]
                 await asyncio.shield(self._answer(take))
+        failed = [err for err in (f.exception() for f in futures) if err is not None]  # retrieves them all
+        if failed:
+            raise failed[0]
         return [f.result() for f in futures]
 
     async def _answer(self, take: list[tuple[dict, asyncio.Future]]) -> None:
         self.calls += 1
         try:
             results = await asyncio.to_thread(self.call, [job for job, _ in take])
+            if len(results) != len(take):
+                raise RuntimeError(f"the model answered {len(results)} results for {len(take)} jobs")
         except BaseException as err:  # noqa: BLE001 - every waiting job gets the failure, none hangs
             results = [err] * len(take)
         for (_, future), result in zip(take, results):
