@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -57,18 +58,12 @@ def plant_bad_shards(bad_dir: Path, good_shard: Path) -> dict[str, str]:
             "10001.tar": "shard_unreadable", "10002.tar": "shard_truncated"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def ray_head():
     """A separate Ray head (own ports and temp dir) in --block mode: stopping it stops only this
     cluster, never the test session's own Ray instance. Yields the job address and environment."""
     temp_dir = tempfile.mkdtemp(prefix="vg-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    gcs, dash, agent, client = (_free_port() for _ in range(4))
+    gcs, dash, agent, client = (free_port() for _ in range(4))
     # A loopback-only test cluster: token authentication off for the head and the CLI alike (Ray
     # 2.60 otherwise turns it on and the CLI needs the token; the README says how on a real cluster).
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -118,7 +113,7 @@ def serve_deploy_and_ask(head: dict, work: Path, tmp_path: Path) -> None:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}  # loopback, a free port; the rest as shipped
     app = cfg["applications"][0]
     app["args"] = {**app["args"], "pipeline": str(ROOT / "pipelines" / "shapes-tiny.yaml"),
@@ -163,7 +158,7 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
 
     # 2) the main job over good + bad shards (brace + glob source), submitted to a Ray cluster
     source = f"{work}/{{shards,bad}}/*.tar"
-    port = _free_port()
+    port = free_port()
     job_args = ["jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
                 "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1",
                 "--set", f"serve.port={port}"]

@@ -235,10 +235,15 @@ def test_rmsnorm_takes_the_fused_kernel_under_bf16_autocast():
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
     x = torch.randn(4, 16).to(torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # PyTorch warns when it cannot use the fused implementation
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = norm(x)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # the fallback warning is once per process: an earlier test may have used it up
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PyTorch warns when it cannot use the fused implementation
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = norm(x)
+    finally:
+        torch.set_warn_always(warn_always)
     assert got.dtype == torch.bfloat16
     want = torch.nn.functional.rms_norm(x.float(), (16,), norm.weight, norm.eps)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
 import threading
 import time
@@ -25,15 +24,10 @@ from visgen.serve import ServeConfig, ServeLimits, build_app
 from visgen.tracking import TrackingConfig
 
 from bundles import make_bundle
+from net import free_port
 
 TOKEN = "test-token-123"
 EVAL = {"geneval_overall": 0.5, "caption_exact": 0.125}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def env(ray_session, tmp_path_factory):
                                root / "work")
     v1, v2 = (reg.register(b).version for b in bundles)
     reg.promote(v1)
-    port = _free_port()
+    port = free_port()
     cfg = ServeConfig(port=port, model_num_cpus=0, ingress_num_cpus=0, poll_interval_s=0.5, max_batch_size=8,
                       batch_wait_timeout_s=0.05, max_ongoing_requests=32, request_timeout_s=60,
                       token_env="VISGEN_TEST_SERVE_TOKEN",

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pydantic import Field
 
 from visgen.config import Section, SpecError, validate_section
 from visgen.tracking import TrackingConfig, Tracker, flatten, make_grid, resolve_tracking_uri
+
+from net import free_port
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER")
@@ -55,12 +56,6 @@ def _client(uri: str):
 
 def _warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "visgen.tracking" and r.levelno >= logging.WARNING]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exercise_all(tracker: Tracker) -> None:
@@ -228,7 +223,7 @@ def test_run_names_with_quotes_resume(workdir, cfg):
 def test_env_tracking_uri_overrides_spec(workdir, cfg, tmp_path, monkeypatch):
     # The spec points at a server that does not exist; the environment must win over it.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
-    spec = cfg.model_copy(update={"tracking_uri": f"http://127.0.0.1:{_free_port()}"})
+    spec = cfg.model_copy(update={"tracking_uri": f"http://127.0.0.1:{free_port()}"})
     own = tmp_path / "own-workdir"
     tracker = Tracker.start(spec, own, "from-env")
     assert tracker.active
@@ -303,7 +298,7 @@ def test_failure_mid_run_warns_once_then_no_op(workdir, cfg, caplog, tmp_path):
 
 
 def test_server_down_at_start(cfg, tmp_path, caplog):
-    port = _free_port()  # bound and released: nothing listens there
+    port = free_port()  # bound and released: nothing listens there
     spec = cfg.model_copy(update={"tracking_uri": f"http://127.0.0.1:{port}", "request_timeout_s": 2.0})
     t0 = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="visgen.tracking"):
@@ -338,7 +333,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` on a free loopback port with proxied artifacts; yields (uri, process)."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -9,8 +9,8 @@ codes → pixels for the whole batch.
 
 Batching: ``generate`` and ``caption`` requests are grouped by ``@serve.batch`` and then merged
 once more by :class:`Coalescer`. Ray Serve forms a batch as soon as its wait window closes and
-only then queues it for the (single) model, so under load it cuts many batches of 1–2 requests
-that wait in line behind the running one (measured: batches of 1–2 at 16 concurrent clients).
+only then queues it for the (single) model, so under load it cuts many small batches that wait
+in line behind the running one (``bench/serve_load.py``: 2.1x over unbatched at 16 clients).
 The coalescer puts every waiting request in one line and, whenever the model is free, runs up to
 ``max_batch_size`` of them in one call. Requests in one call that share sampling settings run as
 one forward; image j of a request uses seed ``seed + j``, so a response does not depend on what
@@ -105,7 +105,6 @@ class Coalescer:
         self.call, self.max_size = call, max(1, int(max_size))
         self._line: deque[tuple[dict, asyncio.Future]] = deque()
         self._turn: asyncio.Lock | None = None
-        self.calls = 0
 
     async def run(self, jobs: list[dict]) -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -126,7 +125,6 @@ class Coalescer:
         return [f.result() for f in futures]
 
     async def _answer(self, take: list[tuple[dict, asyncio.Future]]) -> None:
-        self.calls += 1
         try:
             results = await asyncio.to_thread(self.call, [job for job, _ in take])
             if len(results) != len(take):
