@@ -127,11 +127,12 @@ def random_batch(layout, batch: int, codebook: int, device, seed: int = 0):
     from visgen.text.tokenizer import SPECIAL_TOKENS
 
     g = torch.Generator().manual_seed(seed)
-    text = torch.tensor([layout.text_region(torch.randint(len(SPECIAL_TOKENS), layout.text_vocab,
-                                                          (layout.text_slots - 1,), generator=g).tolist())
-                         for _ in range(batch)])  # (B, S): full-length captions
-    image = torch.randint(0, codebook, (batch, layout.n_image), generator=g)  # (B, N)
     n = batch // 2
+    ids = [torch.randint(len(SPECIAL_TOKENS), layout.text_vocab, (layout.text_slots - 1,), generator=g).tolist()
+           for _ in range(batch)]  # full-length captions
+    # t2i prompts as they are; i2t captions behind their language token (<en>), as training builds them
+    text = torch.tensor([layout.text_region(t, lang=None if i < n else "en") for i, t in enumerate(ids)])  # (B, S)
+    image = torch.randint(0, codebook, (batch, layout.n_image), generator=g)  # (B, N)
     return torch.cat([layout.t2i(text[:n], image[:n]), layout.i2t(image[n:], text[n:])]).to(device), n
 
 

@@ -23,11 +23,11 @@ def captions(n: int = 400) -> list[str]:
     return [make_caption(sample_prompt(tasks[i % 6], rng), ("en", "zh")[i % 2], rng) for i in range(n)]
 
 
-def make_bundle(root: Path, seed: int = 0, eval_results: dict | None = None) -> Path:
+def make_bundle(root: Path, seed: int = 0, eval_results: dict | None = None, **vq_overrides) -> Path:
     """An untrained tiny bundle under ``root/bundle``; ``seed`` picks the weights, so two seeds are two models."""
     root = Path(root)
     torch.manual_seed(seed)
-    vq = VQModel(vq_config("tiny", resolution=RESOLUTION)).eval()
+    vq = VQModel(vq_config("tiny", **{"resolution": RESOLUTION, **vq_overrides})).eval()
     tok = train_text_tokenizer(captions(), TextTokenizerConfig(vocab_size=400, min_frequency=1))
     h, w = vq.grid_shape
     lm = VisGPT(gpt_config("tiny", text_vocab=400, codebook_size=vq.num_codes, grid=(h, w), max_text_tokens=16))

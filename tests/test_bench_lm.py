@@ -62,7 +62,10 @@ def test_lm_feed_trainer_steps_on_ray_shaped_batches():
     cfg = gpt_config("tiny", text_vocab=64, codebook_size=32, max_text_tokens=8, grid=(2, 2))
     trainer = feed.Trainer(cfg, TrainConfig(steps=4, batch_size=4, schedule="constant"), "cpu")
     # Ray Data yields list<int32> columns as object arrays of int32 arrays.
-    rows = [np.array(t, np.int32) for t in ([9, 10], [11], [12, 13, 14], [15])]
+    from visgen.text.tokenizer import SPECIAL_TOKENS
+
+    first = len(SPECIAL_TOKENS)  # the first id that is not a special token
+    rows = [np.array(t, np.int32) + first for t in ([0, 1], [2], [3, 4, 5], [6])]
     batch = {"text_ids": np.empty(4, dtype=object), "image_ids": np.empty(4, dtype=object)}
     for i, t in enumerate(rows):
         batch["text_ids"][i], batch["image_ids"][i] = t, np.array([0, 1, 2, 3], np.int32)
@@ -71,17 +74,41 @@ def test_lm_feed_trainer_steps_on_ray_shaped_batches():
     assert all(np.isfinite(losses)) and not torch.equal(before, trainer.model.head.weight)
 
 
-@pytest.mark.slow  # three Ray Data passes over the cache: ~20 s on two busy cores
-def test_lm_feed_ray_against_memory(ray_session, capsys):
+@pytest.mark.slow  # Ray Data passes over the cache and 4 feeds x 4 steps: ~30 s on two busy cores
+def test_lm_feed_every_feed_against_the_device(ray_session, capsys):
     feed = _load("lm_feed")
-    s = feed.main([*TINY, "--batch-size", "4", "--steps", "4", "--warmup", "1", "--repeats", "1", "--files", "2"])
+    s = feed.main([*TINY, "--batch-size", "4", "--steps", "4", "--warmup", "1", "--repeats", "1", "--files", "2",
+                   "--log-every", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert _summary(out) == s
     runs = [json.loads(line) for line in out.splitlines() if line.startswith('{"feed"')]
-    assert [r["feed"] for r in runs] == ["memory", "ray"]
+    assert [r["feed"] for r in runs] == ["device", "host", "memory", "stream"]
     assert all(r["steps_per_s"] > 0 and np.isfinite(r["loss"]) for r in runs)
-    assert s["ratio"] == round(s["ray_steps_per_s"] / s["memory_steps_per_s"], 3)
-    assert s["seq_len"] == 16 + 9 + 4 and s["ray_feed_only_batches_per_s"] > 0
+    # The token cache fits the default limit: data_in_memory=auto picks the in-memory feed.
+    assert s["live_feed"] == "memory" and s["ratio"] == s["memory_over_device"]
+    assert s["ratio"] == round(s["memory_steps_per_s"] / s["device_steps_per_s"], 3)
+    assert s["rows"] == 16 and s["batches_per_epoch"] == 4 and s["seq_len"] == 16 + 9 + 4
+    assert s["memory_feed_only_batches_per_s"] > 0 and s["stream_feed_only_batches_per_s"] > 0
+    assert "live (memory) / device" in out
+
+
+@pytest.mark.slow
+def test_lm_feed_dry_run_and_feed_subsets(ray_session, capsys):
+    feed = _load("lm_feed")
+    s = feed.main(["--dry-run", "--device", "cpu", "--feeds", "device,stream", "--rows", "20"])
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"feed"')]
+    assert [r["feed"] for r in runs] == ["device", "stream"] and s["preset"] == "tiny"
+    assert s["rows"] == 20 and s["live_feed"] == "stream"  # auto would pick memory, which did not run
+    with pytest.raises(SystemExit):
+        feed.main(["--dry-run", "--feeds", "device,disk"])
+    assert "feeds must be a comma-separated subset" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.slow
+def test_lm_feed_dry_run_on_cuda(ray_session):
+    s = _load("lm_feed").main(["--dry-run", "--device", "cuda"])
+    assert s["device"] == "cuda" and s["ratio"] > 0
 
 
 def test_lm_feed_token_cache_schema(tmp_path):

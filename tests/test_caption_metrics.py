@@ -107,3 +107,81 @@ def test_references_and_errors():
         caption_metrics(["x"], [scene, scene])
     with pytest.raises(ValueError, match="unknown caption language 'fr'"):
         caption_metrics(["x"], [scene], languages=["fr"])
+
+
+def test_language_ok_and_per_language_numbers():
+    scenes = _scenes("en", 1) + _scenes("zh", 1)
+    preds = [s.caption for s in scenes]
+    preds[0] = "a red 星形"   # asked in English, holds Chinese
+    preds[-1] = "红色的 star"  # asked in Chinese, holds a Latin word
+    m = caption_metrics(preds, scenes)
+    n = len(scenes)
+    assert m["language_ok"] == pytest.approx((n - 2) / n)
+    assert set(m["by_language"]) == {"en", "zh"}
+    for lang in ("en", "zh"):
+        sub = m["by_language"][lang]
+        assert sub["captions"] == n // 2 and sub["language_ok"] == pytest.approx((n // 2 - 1) / (n // 2))
+        assert 0.5 < sub["slot_accuracy"] < 1.0 and sub["bleu"] == m["bleu"][lang]
+    assert grammar.language_ok("3 个 red 圆形", "en") is False and grammar.language_ok("三个圆形 3", "zh")
+    assert grammar.language_ok("", "zh") and grammar.language_ok("a red circle.", "en")
+    with pytest.raises(ValueError, match="'fr'"):
+        grammar.language_ok("x", "fr")
+
+
+def test_bundle_eval_asks_each_image_in_its_reference_language(tmp_path, monkeypatch):
+    """The held-out benchmark as evaluate_bundle runs it (shards and GenEval stubbed): one caption per
+    image in the language of its reference caption; per-language numbers reach eval/lm.json, the
+    bundle manifest, MLflow and the registry tags that /v1/model reports."""
+    import json
+
+    from bundles import make_bundle
+    from visgen.data import ingest
+    from visgen.data.shapes import render
+    from visgen.eval import bundle as bundle_eval
+    from visgen.eval.captions import CaptionEvalConfig
+    from visgen.pipeline import Pipeline, read_manifest
+    from visgen.registry import Registry
+    from visgen.tracking import TrackingConfig
+
+    scenes = [make_scene(task, seed, resolution=16, language="mixed") for task in shapes.TASKS for seed in range(3)]
+    assert {s.language for s in scenes} == {"en", "zh"}
+    rows = [{"image": render(s), "json": s.to_json()} for s in scenes]
+
+    class Holdout:
+        def select_columns(self, cols):
+            return self
+
+        def take(self, n):
+            return rows[:n]
+
+    monkeypatch.setattr(ingest, "build_dataset", lambda *a, **k: Holdout())
+    monkeypatch.setattr(bundle_eval, "geneval_bundle", lambda pipe, cfg, out_dir, judge=None: {
+        "overall": 0.25, "tasks": {"colors": {"accuracy": 0.25, "images": 2}}, "images_per_s": 1.0})
+    monkeypatch.setattr(bundle_eval, "eval_identity", lambda *a: {"stub": True})
+    asked = []
+    real = Pipeline.caption
+
+    def spy(self, images, **kw):
+        asked.extend(kw["language"])
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(Pipeline, "caption", spy)
+    bundle = make_bundle(tmp_path / "m")
+    tracking = TrackingConfig(experiment="eval-test", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    full = bundle_eval.evaluate_bundle(bundle, ingest=None, geneval=None, captions=CaptionEvalConfig(samples=len(rows)),
+                                       workdir=tmp_path, tracking=tracking, device="cpu")
+    assert asked == [grammar.detect_language(s.caption) for s in scenes]
+    keys = {"caption_slot_accuracy", "caption_slot_accuracy_en", "caption_slot_accuracy_zh", "caption_bleu_en",
+            "caption_bleu_zh", "caption_language_ok"}
+    assert keys <= set(full) and all(isinstance(full[k], float) for k in keys)
+    assert full["caption_language_ok"] == 1.0  # guaranteed by the blocked script, even untrained
+    assert full["captions"]["by_language"]["zh"]["captions"] == asked.count("zh")
+    assert keys <= set(json.loads((tmp_path / "eval" / "lm.json").read_text()))
+    assert keys <= set(read_manifest(bundle)["eval"])
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id])[0]
+    assert {f"final/{k}" for k in keys} <= set(run.data.metrics)
+    version = Registry.from_config(tracking, tmp_path).register(bundle)
+    assert keys <= set(version.eval)  # what GET /v1/model answers as "eval"

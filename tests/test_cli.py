@@ -40,7 +40,7 @@ def _candidates(current):
         if all(isinstance(v, int) for v in current):
             return [[v + 1 for v in current], [1] * len(current), list(current[:-1])]
         if all(isinstance(v, float) for v in current):
-            return [[round(v / 2, 6) for v in current]]
+            return [[round(v / 2, 6) for v in current], [round(v + 0.5, 6) for v in current]]
         if current and all(isinstance(v, str) for v in current):
             return [list(current[:-1]) or ["x"], list(current[1:]), list(reversed(current))]
     if isinstance(current, dict):

@@ -212,6 +212,9 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
             if not r.info.run_name.startswith("register-")}
     assert set(runs) == {"image_tokenizer", "lm"} and all(r.info.status == "FINISHED" for r in runs.values())
     assert "holdout/psnr" in runs["image_tokenizer"].data.metrics
+    # shapes data: the judge read the tokenizer's reconstructions of real renders (the generator's ceiling)
+    assert 0 <= ev["geneval_ceiling"] <= 1 and 0 <= summary["image_tokenizer_eval"]["geneval_ceiling"] <= 1
+    assert "holdout/geneval_ceiling" in runs["image_tokenizer"].data.metrics
 
     # the transformer: trained from the token cache, the loss went down, bundle written and evaluated
     cache = json.loads((work / "token_cache" / "manifest.json").read_text())
@@ -227,6 +230,14 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
                                                 "color_attr"}
     assert 0 <= lm_eval["geneval_overall"] <= 1 and 0 <= lm_eval["caption_slot_accuracy"] <= 1
     assert "final/geneval_overall" in client.get_run(runs["lm"].info.run_id).data.metrics
+    grids = {a.path for a in client.list_artifacts(runs["lm"].info.run_id, "eval/geneval_grids")}
+    assert grids == {f"eval/geneval_grids/{t}.png" for t in lm_eval["geneval"]["tasks"]}
+    # the sampling defaults were searched on validation prompts first, and the benchmark used the choice
+    search = lm_eval["sampling_search"]
+    assert search["prompt_set"] == "geneval-shapes-val" and len(search["trials"]) >= 3
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["sampling_spec"]["cfg_scale"] == 2.0 and manifest["sampling_search"]["chosen"] == search["chosen"]
+    assert {k: lm_eval["sampling"][k] for k in search["chosen"]} == search["chosen"]
 
     # registered, promoted, served: the app answered one generate and one caption request over HTTP
     assert summary["registry"]["promoted"] and summary["registry"]["aliases"]["champion"] == "1"

@@ -286,3 +286,33 @@ def test_evaluate_generator_batches_saves_and_scores(tmp_path):
     assert len(list((tmp_path / "run").glob("*.png"))) == 12
     with pytest.raises(ValueError, match="returned 0 images for 5 prompts"):
         evaluate_generator(lambda texts: [], judge, cfg)
+
+
+def test_task_grids_one_sheet_per_task_with_the_prompt_under_each_image():
+    from visgen.eval.geneval import build_prompt_set, reference_image, task_grids
+
+    records = build_prompt_set(per_task=3)
+    images = [reference_image(r, 32, seed=i) for i, r in enumerate(records)]
+    verdicts = [i % 2 == 0 for i in range(len(records))]
+    grids = task_grids(records, images, verdicts, per_task=2, scale=4)
+    assert set(grids) == set(TASKS)
+    for task, grid in grids.items():
+        assert grid.dtype == np.uint8 and grid.shape[2] == 3
+        # two cells of 128 px (32 px x 4) side by side, each with a label strip under it
+        assert grid.shape[1] == 2 * (128 + 4) + 4 and grid.shape[0] > 128 + 20
+        first = next(im for r, im in zip(records, images) if r["task"] == task and r["lang"] == "en")
+        assert np.array_equal(grid[4:4 + 128:4, 4:4 + 128:4], first)  # the image itself, enlarged pixel for pixel
+        strip = grid[4 + 128 + 2:, 4:4 + 128]
+        assert (strip < 128).any()  # text was written under the image
+
+
+def test_reconstruction_ceiling_is_one_for_a_lossless_tokenizer_and_zero_for_one_that_erases():
+    from visgen.eval.geneval import build_prompt_set, reconstruction_ceiling
+    from visgen.eval.judge import load_judge
+
+    records = build_prompt_set(per_task=3, languages=("en",))
+    judge = load_judge()
+    lossless = reconstruction_ceiling(lambda x: x, judge, 32, records)
+    assert lossless["overall"] == 1.0 and lossless["images"] == 18 and set(lossless["tasks"]) == set(TASKS)
+    erased = reconstruction_ceiling(lambda x: np.full_like(x, 128), judge, 32, records)
+    assert erased["overall"] == 0.0

@@ -7,7 +7,7 @@ import torch
 
 from visgen.config import SpecError
 from visgen.models.gpt import (
-    BOS, EOI, EOS, I2T, NULL, PAD, SOI, T2I, TASK_I2T, TASK_T2I, VisGPT, gpt_config, load_gpt, sample, save_gpt,
+    BOS, EN, EOI, EOS, I2T, NULL, PAD, SOI, T2I, TASK_I2T, TASK_T2I, ZH, VisGPT, gpt_config, load_gpt, sample, save_gpt,
     uniform_noise,
 )
 
@@ -38,10 +38,32 @@ def test_layout_places_every_token_where_the_docstring_says(model):
     assert len(t2i) == lay.length == 16 + 9 + 4
     assert t2i[:2] == [BOS, T2I] and t2i[2:5] == [20, 21, EOS] and t2i[5:11] == [PAD] * 6
     assert t2i[lay.t2i_soi] == SOI and t2i[lay.t2i_image] == [TEXT_VOCAB + i for i in range(16)] and t2i[-1] == EOI
-    i2t = lay.i2t(image, text)[0].tolist()
-    assert i2t[:3] == [BOS, I2T, SOI] and i2t[lay.i2t_eoi] == EOI and i2t[lay.i2t_text][:3] == [20, 21, EOS]
+    i2t = lay.i2t(image, torch.tensor([lay.text_region([20, 21], lang="zh")]))[0].tolist()
+    assert i2t[:3] == [BOS, I2T, SOI] and i2t[lay.i2t_eoi] == EOI and i2t[lay.i2t_text][:4] == [ZH, 20, 21, EOS]
+    assert i2t[lay.i2t_text][4:] == [PAD] * 5 and len(i2t) == lay.length
     assert lay.text_region(None) == [NULL] + [PAD] * 8
     assert lay.text_region(list(range(100, 120)))[-1] == EOS  # long text is cut, <eos> always fits
+    assert lay.text_region(list(range(100, 120)), lang="en") == [EN, *range(100, 107), EOS]  # one slot less
+    with pytest.raises(ValueError, match="'fr'.*'en', 'zh'"):
+        lay.text_region([20], lang="fr")
+
+
+def test_batched_text_regions_equal_the_row_by_row_ones(model):
+    lay = model.layout
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(10, TEXT_VOCAB, (k,), generator=g).tolist() for k in (0, 1, 3, 7, 8, 9, 15)]
+    ids = torch.full((len(rows), 15), PAD)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    null = torch.tensor([i == 2 for i in range(len(rows))])
+    assert lay.text_regions(ids, lengths, null=null).tolist() == \
+        [lay.text_region(None if i == 2 else r) for i, r in enumerate(rows)]
+    lang = torch.tensor([EN, ZH] * 3 + [EN])
+    assert lay.text_regions(ids, lengths, lang=lang).tolist() == \
+        [lay.text_region(r, lang="en" if i % 2 == 0 else "zh") for i, r in enumerate(rows)]
+    with pytest.raises(ValueError, match="non-special"):
+        lay.text_regions(torch.tensor([[11, EN]]), torch.tensor([2]))
 
 
 def test_text_region_rejects_special_and_out_of_vocab_ids(model):
@@ -62,13 +84,14 @@ def test_loss_starts_near_uniform_and_learns():
     torch.manual_seed(0)
     m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(2, 2), max_text_tokens=4))
     lay = m.layout
-    text = torch.tensor([lay.text_region([10, 11])] * 4)
+    text = torch.tensor([lay.text_region([10, 11])] * 2 + [lay.text_region([10, 11], lang="zh")] * 2)
     image = torch.tensor([[1, 2, 3, 4]] * 4)
     tokens = torch.cat([lay.t2i(text[:2], image[:2]), lay.i2t(image[2:], text[2:])])
     loss, logs = m.loss(tokens, n_t2i=2)
     assert abs(float(logs["t2i_loss"]) - torch.log(torch.tensor(CODES)).item()) < 0.3
-    # Text is scored over the non-special text ids + <eos> only.
-    assert abs(float(logs["i2t_loss"]) - torch.log(torch.tensor(TEXT_VOCAB - 7.0)).item()) < 0.3
+    # The language slot is scored over the two language tokens, text over the non-special ids + <eos>.
+    uniform = (torch.log(torch.tensor(2.0)) + 3 * torch.log(torch.tensor(TEXT_VOCAB - 9.0))).item() / 4
+    assert abs(float(logs["i2t_loss"]) - uniform) < 0.3
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     for _ in range(30):
         loss, _ = m.loss(tokens, n_t2i=2)
@@ -112,7 +135,7 @@ def test_generated_tokens_never_cross_modality(model):
     # Push the text head towards every special and the image range: sampling must still refuse them.
     with torch.no_grad():
         saved = model.head.weight.clone()
-        model.head.weight[:8] += 5.0
+        model.head.weight[:10] += 5.0
         model.head.weight[EOS] -= 5.0
     try:
         caps = model.generate_text(codes, seeds, temperature=2.0)
@@ -120,8 +143,8 @@ def test_generated_tokens_never_cross_modality(model):
         with torch.no_grad():
             model.head.weight.copy_(saved)
     for ids in caps:
-        assert len(ids) <= model.layout.text_slots - 1
-        assert all(8 <= t < TEXT_VOCAB for t in ids), ids
+        assert len(ids) <= model.layout.text_slots - 2  # the language slot and the closing <eos>
+        assert all(10 <= t < TEXT_VOCAB for t in ids), ids
 
 
 def test_cfg_scale_one_equals_unguided(model):
@@ -212,8 +235,8 @@ def test_flops_per_token_matches_what_the_loss_executes(n_t2i):
     m = VisGPT(gpt_config("tiny", text_vocab=320, codebook_size=64, grid=(4, 4), max_text_tokens=11))
     lay, b = m.layout, 6
     g = torch.Generator().manual_seed(0)
-    text = torch.tensor([lay.text_region(torch.randint(8, 320, (lay.text_slots - 1,), generator=g).tolist())
-                        for _ in range(b)])
+    text = torch.tensor([lay.text_region(torch.randint(10, 320, (lay.text_slots - 1,), generator=g).tolist(),
+                                         lang=None if i < n_t2i else "en") for i in range(b)])
     image = torch.randint(0, 64, (b, lay.n_image), generator=g)
     tokens = torch.cat([lay.t2i(text[:n_t2i], image[:n_t2i]), lay.i2t(image[n_t2i:], text[n_t2i:])])
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,3 +271,65 @@ def test_rmsnorm_takes_the_fused_kernel_under_bf16_autocast():
     want = torch.nn.functional.rms_norm(x.float(), (16,), norm.weight, norm.eps)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     assert norm(x.float()).dtype == torch.float32 and "weight" in norm.state_dict()  # fp32 path and checkpoints unchanged
+
+
+def _captured_text_regions(model, monkeypatch):
+    """The i2t text regions of the last generate_text call, read off the sequence it decoded."""
+    seen = {}
+    step = model._step
+
+    def spy(seq, pos, task, use_cache, prefill):
+        seen["seq"] = seq
+        return step(seq, pos, task, use_cache, prefill)
+
+    monkeypatch.setattr(model, "_step", spy)
+    return lambda: seen["seq"][:, model.layout.i2t_text]
+
+
+def test_a_requested_language_is_forced_in_the_language_slot(model, monkeypatch):
+    image = torch.randint(0, CODES, (4, 16), generator=torch.Generator().manual_seed(5))
+    seeds = torch.arange(4)
+    regions = _captured_text_regions(model, monkeypatch)
+    with torch.no_grad():  # make the model prefer <zh> by far when it chooses
+        saved = model.head.weight.clone()
+        model.head.weight[ZH] += 50.0
+    try:
+        ids, langs = model.generate_text(image, seeds, return_language=True)
+        assert langs == ["zh"] * 4 and regions()[:, 0].tolist() == [ZH] * 4  # "auto": the model's choice
+        ids, langs = model.generate_text(image, seeds, language=["en", "zh", "auto", None], return_language=True)
+        assert langs == ["en", "zh", "zh", "zh"] and regions()[:, 0].tolist() == [EN, ZH, ZH, ZH]
+        forced, langs = model.generate_text(image, seeds, language="en", return_language=True, use_cache=False)
+        assert langs == ["en"] * 4 and regions()[:, 0].tolist() == [EN] * 4
+    finally:
+        with torch.no_grad():
+            model.head.weight.copy_(saved)
+    # The language token is not part of the returned text, and the cache changes nothing.
+    assert forced == model.generate_text(image, seeds, language="en")
+    assert all(EN not in row and ZH not in row for row in forced)
+
+
+def test_blocked_ids_are_never_sampled_and_bad_languages_are_refused(model):
+    image = torch.randint(0, CODES, (8, 16), generator=torch.Generator().manual_seed(6))
+    blocked = torch.zeros(8, TEXT_VOCAB, dtype=torch.bool)
+    blocked[::2, 10:200] = True  # even rows may only use ids 200..299
+    blocked[1::2, 150:] = True   # odd rows only ids 10..149
+    caps = model.generate_text(image, torch.arange(8), language="zh", blocked=blocked, temperature=3.0)
+    assert any(caps)
+    for i, ids in enumerate(caps):
+        assert all((t >= 200) if i % 2 == 0 else (10 <= t < 150) for t in ids), (i, ids)
+    with pytest.raises(ValueError, match="'fr' is not allowed; allowed: 'auto', 'en', 'zh'"):
+        model.generate_text(image, torch.arange(8), language="fr")
+    with pytest.raises(ValueError, match="2 languages for 8 images"):
+        model.generate_text(image, torch.arange(8), language=["en", "zh"])
+
+
+def test_a_model_saved_before_the_language_tokens_is_refused(model, tmp_path):
+    import json
+
+    save_gpt(model, tmp_path / "lm")
+    meta = json.loads((tmp_path / "lm" / "lm.json").read_text())
+    assert meta["format"] == "visgen-lm/2"
+    meta["format"] = "visgen-lm/1"
+    (tmp_path / "lm" / "lm.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"'visgen-lm/1'.*older visgen.*visgen train lm"):
+        load_gpt(tmp_path / "lm")

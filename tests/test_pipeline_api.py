@@ -53,6 +53,30 @@ def test_caption_accepts_arrays_pil_images_and_paths(pipe, tmp_path):
     assert pipe.caption(img) == texts[:1]
 
 
+def test_caption_in_a_requested_language_holds_no_word_of_the_other(pipe):
+    """Even an untrained model: a forced "zh" never writes a Latin letter, a forced "en" only ASCII."""
+    import re
+
+    images = list(np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8))
+    for temperature in (0.0, 1.5):
+        zh = pipe.caption(images, language="zh", temperature=temperature, seed=1)
+        en = pipe.caption(images, language="en", temperature=temperature, seed=1)
+        assert not any(re.search(r"[A-Za-z]", t) for t in zh), zh
+        assert all(t.isascii() and not re.search(r"[\u3400-\u9fff]", t) for t in en), en
+    assert "".join(zh) and "".join(en)  # something was written in both
+    mixed = pipe.caption(images[:4], language=["zh", "en", "auto", "zh"], temperature=1.5, seed=1)
+    assert mixed[0] == zh[0] and mixed[1] == en[1] and mixed[3] == zh[3]  # per image, whatever the batch
+    assert pipe.caption(images[:4], language="auto") == pipe.caption(images[:4])  # the default
+
+
+def test_caption_language_is_validated(pipe):
+    img = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="language 'fr' is not allowed; allowed: 'auto', 'en', 'zh'"):
+        pipe.caption(img, language="fr")
+    with pytest.raises(ValueError, match="2 languages for 1 images"):
+        pipe.caption(img, language=["en", "zh"])
+
+
 def test_edit_keeps_the_rows_above_the_cut(pipe):
     img = pipe.generate("a yellow cross", seed=3)[0]
     codes = pipe.encode_images([img])
@@ -115,6 +139,37 @@ def test_cli_generate_caption_edit(bundle, tmp_path, capsys):
     assert Image.open(tmp_path / "edit.png").size == (16, 16)
     assert main(["generate", "x", "--bundle", str(bundle), "--out", str(out), "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, monkeypatch):
+    import re
+
+    from visgen.cli import build_parser, main
+    from visgen.pipeline import CAPTION_LANGUAGES
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
+    capsys.readouterr()
+    assert main(["caption", str(img), "--bundle", str(bundle), "--language", "zh", "--temperature", "1.5"]) == 0
+    text = capsys.readouterr().out.split("\t", 1)[1]
+    assert not re.search(r"[A-Za-z]", text)
+    seen = {}
+    real = Pipeline.caption
+
+    def spy(self, images, **kw):
+        seen.update(kw)
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(Pipeline, "caption", spy)
+    assert main(["caption", str(img), "--bundle", str(bundle), "--language", "en"]) == 0
+    assert seen["language"] == "en"
+    assert main(["caption", str(img), "--bundle", str(bundle)]) == 0
+    assert seen["language"] == "auto"  # the default: the model chooses
+    for lang in CAPTION_LANGUAGES:  # the flag takes every language the pipeline does
+        assert build_parser().parse_args(["caption", str(img), "--language", lang]).language == lang
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(img), "--bundle", str(bundle), "--language", "fr"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fr'" in capsys.readouterr().err
 
 
 def test_load_from_an_mlflow_artifact_uri(bundle, tmp_path):

@@ -100,8 +100,11 @@ def test_health_model_info_docs_and_page(env):
     assert requests.get(url + "/docs").status_code == 200
     page = requests.get(url + "/")  # no token needed for the page itself
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for call in ('call("v1/generate"', 'call("v1/caption"', 'call("v1/model"', 'const BASE = "/"'):
+    for call in ('call("v1/generate"', 'call("v1/caption"', 'call("v1/model"', 'const BASE = "/"',
+                 '<select id="cap-language">', 'form.append("language"'):
         assert call in page.text
+    cap_schema = spec["paths"]["/v1/caption"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert cap_schema["properties"]["language"]["enum"] == ["auto", "en", "zh"]
 
 
 def test_generate_matches_the_pipeline_and_answers_png(env, pipes):
@@ -149,6 +152,12 @@ def test_caption_by_upload_and_base64_and_edit(env, pipes):
     assert r.status_code == 200 and r.json()["caption"] == want and r.headers["X-Model-Version"] == "1"
     r = http.post(url + "/v1/caption", json={"image": _b64(png)})
     assert r.status_code == 200 and r.json()["caption"] == want
+    for lang in ("zh", "en"):  # a requested language, as JSON and as a multipart form field
+        want = pipes[0].caption(Image.open(io.BytesIO(png)), language=lang)[0]
+        r = http.post(url + "/v1/caption", json={"image": _b64(png), "language": lang})
+        assert r.status_code == 200 and r.json()["caption"] == want, r.text
+        r = http.post(url + "/v1/caption", files={"image": ("x.png", png, "image/png")}, data={"language": lang})
+        assert r.status_code == 200 and r.json()["caption"] == want, r.text
     img = _png(16, seed=4)
     r = http.post(url + "/v1/edit", json={"image": _b64(img), "prompt": "a purple hexagon", "keep_rows": 3, "seed": 2})
     assert r.status_code == 200
@@ -191,6 +200,10 @@ BAD = [
     ("caption", dict(json={"image": _b64(_png(64)[:200])}), 400, "image", "could not be decoded", None),
     ("caption", dict(json={}), 422, "image", "required field is missing", None),
     ("caption", dict(files={"file": ("x.png", b"abc", "image/png")}), 422, "image", "part named 'image'", None),
+    ("caption", dict(json={"image": _b64(_png()), "language": "fr"}), 422, "language",
+     "'fr' is not allowed: Input should be 'auto', 'en' or 'zh'", ["auto", "en", "zh"]),
+    ("caption", dict(files={"image": ("x.png", _png(), "image/png")}, data={"language": "english"}), 422, "language",
+     "'english' is not allowed", ["auto", "en", "zh"]),
     ("edit", dict(json={"image": _b64(_png()), "prompt": "x", "keep_rows": 9}), 422, "keep_rows", "8 token rows", 8),
     ("edit", dict(json={"image": _b64(_png()), "prompt": "x", "keep_rows": -1}), 422, "keep_rows", "greater than or equal to 0", 0),
     ("edit", dict(json={"image": _b64(_png()), "keep_rows": 1}), 422, "prompt", "required field is missing", None),
@@ -275,6 +288,16 @@ def test_playground_in_headless_chromium(env, pipes, tmp_path):
         wait.until(lambda d: text("cap-status").startswith("version"))
         want = env["http"].post(env["url"] + "/v1/caption", files={"image": ("u.png", upload.read_bytes(), "image/png")})
         assert text("caption") == want.json()["caption"] and text("cap-status") == "version 1"
+        # The language selector: the same upload asked for in Chinese.
+        from selenium.webdriver.support.ui import Select
+
+        want_zh = env["http"].post(env["url"] + "/v1/caption", data={"language": "zh"},
+                                   files={"image": ("u.png", upload.read_bytes(), "image/png")}).json()["caption"]
+        Select(driver.find_element(By.ID, "cap-language")).select_by_value("zh")
+        driver.execute_script('document.getElementById("caption").textContent = "…";')
+        driver.find_element(By.ID, "cap-button").click()
+        wait.until(lambda d: text("caption") != "…" and text("cap-status").startswith("version"))
+        assert text("caption") == want_zh
         driver.save_screenshot(str(tmp_path / "playground.png"))
     finally:
         driver.quit()

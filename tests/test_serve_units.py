@@ -98,6 +98,44 @@ def test_request_models_carry_the_limits():
     assert (err.value.field, err.value.limit) == ("keep_rows", 4)
 
 
+def test_caption_language_field_is_validated_with_the_allowed_values():
+    from visgen.pipeline import CAPTION_LANGUAGES
+
+    models = request_models(ServeLimits())
+    assert validate(models["caption"], {"image": "x"}).language == "auto"
+    assert validate(models["caption"], {"image": "x", "language": "zh"}).language == "zh"
+    for bad in ("fr", "ZH", "", 3):
+        with pytest.raises(RequestError) as err:
+            validate(models["caption"], {"image": "x", "language": bad})
+        e = err.value
+        assert (e.status, e.field, e.limit) == (422, "language", list(CAPTION_LANGUAGES)), e.message
+        assert repr(bad) in e.message and "'auto', 'en' or 'zh'" in e.message, e.message
+    schema = models["caption"].model_json_schema()["properties"]["language"]
+    assert schema["enum"] == list(CAPTION_LANGUAGES) and schema["default"] == "auto"
+
+
+def test_the_replica_captions_each_job_in_its_own_language(tmp_path):
+    """One model call for a batch of mixed languages; each answer as Pipeline.caption gives it."""
+    import re
+
+    import numpy as np
+
+    import visgen
+    from bundles import make_bundle
+    from visgen.serve.model import Served, VisgenModel
+
+    pipe = visgen.Pipeline.load(make_bundle(tmp_path), device="cpu")
+    images = list(np.random.default_rng(3).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    langs = ["zh", "en", "auto", "zh", "en", "auto"]
+    out = VisgenModel._run_caption(Served(pipe=pipe, info={"version": "7"}),
+                                   [{"image": im, "language": lang} for im, lang in zip(images, langs)])
+    assert [o["version"] for o in out] == ["7"] * 6 and all(o["batch"] == 6 for o in out)
+    for o, im, lang in zip(out, images, langs):
+        assert o["caption"] == pipe.caption(im, language=lang, seed=0)[0]
+    assert not any(re.search(r"[A-Za-z]", o["caption"]) for o, lang in zip(out, langs) if lang == "zh")
+    assert all(o["caption"].isascii() for o, lang in zip(out, langs) if lang == "en")
+
+
 def _recording_model(calls: list[list[int]], delay_s: float = 0.05, fail_on: int | None = None):
     def call(jobs: list[dict]) -> list[dict]:
         calls.append([j["i"] for j in jobs])

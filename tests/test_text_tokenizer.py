@@ -77,3 +77,103 @@ def test_config_rejects_a_vocab_smaller_than_the_byte_alphabet():
 
     with pytest.raises(ValidationError, match="vocab_size"):
         TextTokenizerConfig(vocab_size=100)
+
+
+def test_language_tokens_are_specials_after_the_layout_ones(tok):
+    from visgen.text.tokenizer import LANGUAGE_TOKENS
+
+    assert SPECIAL_TOKENS[-2:] == tuple(LANGUAGE_TOKENS.values()) == ("<en>", "<zh>")
+    assert tok.special_ids["<en>"] == 8 and tok.special_ids["<zh>"] == 9
+    ids = tok.encode("<en> <zh> typed by a user")  # plain bytes, never the control tokens
+    assert not {8, 9} & set(ids) and tok.decode(ids) == "<en> <zh> typed by a user"
+
+
+def test_a_tokenizer_without_the_language_tokens_is_refused_with_the_fix(tmp_path):
+    from tokenizers import pre_tokenizers, trainers
+
+    from visgen.text.tokenizer import _empty_bpe
+
+    old = _empty_bpe()  # what an older visgen trained: the eight layout specials only
+    old.train_from_iterator(CAPTIONS, trainer=trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, special_tokens=list(SPECIAL_TOKENS[:8]),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    old.save(str(tmp_path / "old.json"))
+    with pytest.raises(ValueError, match=r"<en>.*visgen data tokenizer --force"):
+        TextTokenizer.load(tmp_path / "old.json")
+
+
+def test_token_bytes_and_script_tables(tok):
+    import numpy as np
+
+    from bundles import captions
+    from visgen.data.captions import detect_language
+
+    raw = tok.token_bytes()
+    assert raw[:len(SPECIAL_TOKENS)] == [None] * len(SPECIAL_TOKENS) and len(raw) == tok.vocab_size
+    for text in ("a red circle", "红色的圆形", "emoji 🙂 mixed 中文", "ünïcödé"):
+        assert b"".join(raw[i] for i in tok.encode(text)) == text.encode("utf-8")
+    t = tok.script_tables(512)
+    assert all(len(v) == 512 and v.dtype == bool for v in t.values())
+    assert not any(v[:len(SPECIAL_TOKENS)].any() or v[tok.vocab_size:].any() for v in t.values())
+    # The cjk table reads a caption's language off its ids exactly as detect_language reads the text.
+    texts = captions(400) + ["a 星 in English", "only ascii here", "。，！ punctuation only", "数字 3"] + list(CAPTIONS[:5])
+    for text, ids in zip(texts, tok.encode_batch(texts)):
+        assert bool(t["cjk"][ids].any()) == (detect_language(text) == "zh"), text
+    blocked = tok.language_blocked(512)
+    ascii_ids = [i for i in range(len(SPECIAL_TOKENS), tok.vocab_size) if raw[i].isascii()]
+    assert not blocked["en"][ascii_ids].any() and blocked["en"][tok.encode("红色")].all()
+    assert blocked["zh"][tok.encode("red")].any() and not blocked["zh"][tok.encode("红色的圆形")].any()
+    assert blocked["en"][tok.vocab_size:].all() and blocked["zh"][tok.vocab_size:].all()  # unused ids
+    assert not blocked["en"][:len(SPECIAL_TOKENS)].any()  # the model masks the specials itself
+    assert np.array_equal(tok.script_tables(512)["cjk"], t["cjk"])
+    with pytest.raises(ValueError, match="cannot cover"):
+        tok.script_tables(10)
+
+
+def test_the_stage_retrains_a_tokenizer_from_before_the_language_tokens(tmp_path, monkeypatch):
+    """A stale work directory (tokenizer + meta written by an older visgen) is rebuilt by
+    ``visgen data tokenizer``, not refused by every later stage; an up-to-date one is reused."""
+    import json
+
+    import numpy as np
+    from tokenizers import pre_tokenizers, trainers
+
+    from visgen import stages
+    from visgen.config import load_spec
+    from visgen.data import ingest
+    from visgen.data.sources import expand_source
+    from visgen.text.tokenizer import _empty_bpe
+
+    spec = load_spec("pipelines/shapes-tiny.yaml", {"workdir": str(tmp_path / "w")})
+    shards = tmp_path / "w" / "shards"
+    shards.mkdir(parents=True)
+    for i in range(3):
+        (shards / f"{i:05d}.tar").write_bytes(b"\0" * 512)  # only their signature matters here
+    reads = []
+
+    class Captions:  # stands in for the Ray Data pass over the shard captions
+        def iter_batches(self, **kw):
+            reads.append(1)
+            yield {"caption": np.array(CAPTIONS, dtype=object)}
+
+    monkeypatch.setattr(stages, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ingest, "read_captions", lambda cfg: Captions())
+    out = spec.paths.text_tokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = _empty_bpe()
+    old.train_from_iterator(CAPTIONS, trainer=trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, special_tokens=list(SPECIAL_TOKENS[:8]),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    old.save(str(out))
+    old_meta = {"config": spec.text_tokenizer.model_dump(mode="json"),
+                "source": stages._source_signature(expand_source(spec.data.ingest.source))}
+    out.with_suffix(".meta.json").write_text(json.dumps(old_meta))  # what the older stage wrote
+    with pytest.raises(ValueError, match="<en>"):
+        TextTokenizer.load(out)
+
+    assert stages.text_tokenizer(spec) == out and len(reads) == 1
+    assert TextTokenizer.load(out).special_ids["<zh>"] == 9
+    assert stages.text_tokenizer(spec) == out and len(reads) == 1  # up to date now: reused
+    old.save(str(out))  # a file that lacks the specials under an up-to-date meta is retrained too
+    assert stages.text_tokenizer(spec) == out and len(reads) == 2
+    assert TextTokenizer.load(out).special_ids["<en>"] == 8

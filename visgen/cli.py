@@ -46,6 +46,7 @@ def _section_classes() -> dict[str, type]:
         "sampling": s["SamplingConfig"],
         "eval.geneval": s["GenEvalConfig"],
         "eval.captions": s["CaptionEvalConfig"],
+        "eval.sampling_search": s["SamplingSearchConfig"],
         "serve": s["ServeConfig"],
         "retrain": s["RetrainConfig"],
         "serve.limits": s["ServeLimits"],
@@ -252,7 +253,8 @@ def cmd_generate(args):
 
 def cmd_caption(args):
     pipe = _load_pipeline(args)
-    for path, text in zip(args.images, pipe.caption(args.images, seed=args.seed, temperature=args.temperature)):
+    texts = pipe.caption(args.images, language=args.language, seed=args.seed, temperature=args.temperature)
+    for path, text in zip(args.images, texts):
         print(f"{path}\t{text}")
 
 
@@ -333,8 +335,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Any, list[str], str]] = {
                               "encode the ingested images with the frozen image tokenizer into the parquet token cache"),
     ("train", "lm"): (cmd_train_lm, ["lm.model", "lm.recipe", "lm.train", "lm.scaling"],
                       "train the text<->image transformer on the token cache (Ray Train) and write the model bundle"),
-    ("eval", "lm"): (cmd_eval_lm, ["eval.geneval", "eval.captions"],
-                     "GenEval-shapes (text -> image) and caption accuracy (image -> text) of the model bundle"),
+    ("eval", "lm"): (cmd_eval_lm, ["eval.geneval", "eval.captions", "eval.sampling_search"],
+                     "GenEval-shapes (text -> image) and caption accuracy (image -> text) of the model bundle, "
+                     "after choosing its sampling defaults on validation prompts when eval.sampling_search.enabled"),
     ("generate",): (cmd_generate, [], "draw images for text prompts (any language the tokenizer was trained on)"),
     ("caption",): (cmd_caption, [], "caption image files"),
     ("edit",): (cmd_edit, [], "keep the top token rows of an image and redraw the rest to match a prompt"),
@@ -401,6 +404,8 @@ EXTRA_FLAGS = {
     ],
     ("caption",): [
         ("images", {"nargs": "+", "metavar": "IMAGE", "help": "image files (resized to the model's resolution)"}),
+        ("--language", {"choices": ["auto", "en", "zh"], "default": "auto",
+                        "help": "caption language: auto (the model chooses), en or zh (default: auto)"}),
         ("--seed", {"type": int, "default": 0, "help": "sampling seed (default: 0)"}),
         ("--temperature", {"type": float, "help": "0 = greedy (default: the bundle's caption_temperature)"}),
         *_BUNDLE_FLAGS,

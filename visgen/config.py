@@ -91,6 +91,7 @@ def _sections():
     from visgen.data.token_cache import TokenCacheConfig
     from visgen.eval.captions import CaptionEvalConfig
     from visgen.eval.geneval import GenEvalConfig
+    from visgen.eval.tune import SamplingSearchConfig
     from visgen.models.gpt import PRESETS as GPT_PRESETS
     from visgen.models.gpt import GPTConfig
     from visgen.models.vq import PRESETS as VQ_PRESETS
@@ -230,9 +231,11 @@ class PipelineSpec(BaseModel):
         out["lm"] = _lm_section(raw.get("lm") or {}, ingest, out["text_tokenizer"], out["image_tokenizer"].model, s)
         out["sampling"] = _validate_at(s["SamplingConfig"], raw.get("sampling") or {}, "sampling")
         ev = raw.get("eval") or {}
-        _check_keys(ev, "eval", ("geneval", "captions"))
+        _check_keys(ev, "eval", ("geneval", "captions", "sampling_search"))
         out["eval"] = EvalSpec(geneval=_validate_at(s["GenEvalConfig"], ev.get("geneval") or {}, "eval.geneval"),
-                               captions=_validate_at(s["CaptionEvalConfig"], ev.get("captions") or {}, "eval.captions"))
+                               captions=_validate_at(s["CaptionEvalConfig"], ev.get("captions") or {}, "eval.captions"),
+                               sampling_search=_validate_at(s["SamplingSearchConfig"], ev.get("sampling_search") or {},
+                                                            "eval.sampling_search"))
         out["serve"] = _validate_at(s["ServeConfig"], raw.get("serve") or {}, "serve")
         out["retrain"] = _validate_at(s["RetrainConfig"], raw.get("retrain") or {}, "retrain")
         return out
@@ -294,13 +297,15 @@ class LMSpec:
 
 
 class EvalSpec:
-    """``eval:`` — the GenEval-style text → image benchmark and the caption benchmark."""
+    """``eval:`` — the GenEval-style text → image benchmark, the caption benchmark, and the search
+    that picks the bundle's sampling defaults on validation prompts before the benchmark runs."""
 
-    def __init__(self, geneval, captions):
-        self.geneval, self.captions = geneval, captions
+    def __init__(self, geneval, captions, sampling_search):
+        self.geneval, self.captions, self.sampling_search = geneval, captions, sampling_search
 
     def __repr__(self) -> str:
-        return f"EvalSpec(geneval={self.geneval!r}, captions={self.captions!r})"
+        return (f"EvalSpec(geneval={self.geneval!r}, captions={self.captions!r}, "
+                f"sampling_search={self.sampling_search!r})")
 
 
 def _check_keys(raw: Any, path: str, allowed: tuple[str, ...]) -> None:

@@ -2,7 +2,8 @@
 
     pipe = visgen.Pipeline.load("work/shapes-32/models/bundle")     # or "models:/visgen@champion"
     images = pipe.generate(["a red circle left of a blue square", "两个绿色的三角形"], n=4, seed=0)
-    texts = pipe.caption(images)
+    texts = pipe.caption(images)                                    # the model picks the language
+    zh = pipe.caption(images, language="zh")                          # or ask for one: "en" / "zh"
     edited = pipe.edit(images[0], "a red circle left of a yellow square", keep_rows=3)
 
 A bundle is a directory (an MLflow artifact directory once registered)::
@@ -32,6 +33,7 @@ import torch
 from pydantic import Field
 
 from visgen.config import Section
+from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
 
 log = logging.getLogger("visgen")
 
@@ -256,18 +258,24 @@ class Pipeline:
             out.extend(self.decode_codes(codes))
         return out
 
-    def caption(self, images: Any | Sequence[Any], *, seed: int = 0, temperature: float | None = None,
-                top_k: int = 0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
-        """One caption per image (greedy by default)."""
+    def caption(self, images: Any | Sequence[Any], *, language: str | Sequence[str] = "auto", seed: int = 0,
+                temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
+        """One caption per image (greedy by default).
+
+        ``language``: "auto" (the model chooses), "en" or "zh" — one for all images or one per
+        image. A requested language is put in the caption's language slot and the other script is
+        blocked: an "en" caption holds ASCII only, a "zh" caption no Latin letter.
+        """
         images = [images] if _is_single_image(images) else list(images)
+        langs = caption_languages(language, len(images))
         temp = self.sampling.caption_temperature if temperature is None else float(temperature)
         SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p)
         out: list[str] = []
         for i in range(0, len(images), batch_size):
             codes = self.encode_images(images[i:i + batch_size])
             seeds = torch.arange(i, i + codes.shape[0], device=self.device) + int(seed)
-            ids = self.lm.generate_text(codes, seeds, temperature=temp, top_k=top_k, top_p=top_p)
-            out.extend(self.tokenizer.decode(t) for t in ids)
+            out.extend(caption_codes(self.lm, self.tokenizer, codes, seeds, langs[i:i + batch_size],
+                                     temperature=temp, top_k=top_k, top_p=top_p))
         return out
 
     def edit(self, image: Any, prompt: str, *, keep_rows: int, seed: int = 0, cfg_scale: float | None = None,
@@ -283,6 +291,22 @@ class Pipeline:
         out = self.lm.generate_images(text, torch.tensor([int(seed)], device=self.device),
                                       prefix=codes[:, : keep_rows * w], **kw)
         return self.decode_codes(out)[0]
+
+
+def caption_codes(lm, tokenizer, codes: torch.Tensor, seeds: torch.Tensor, language: str | Sequence[str] = "auto",
+                  *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
+    """Captions of image codes (B, N) by ``lm`` in ``language`` (one, or one per row: "auto" / "en" /
+    "zh"), decoded with ``tokenizer``: what :meth:`Pipeline.caption`, the Serve replica and the
+    training's quick eval share. A requested language is forced and its other script blocked."""
+    langs = caption_languages(language, codes.shape[0])
+    blocked = None
+    if any(lang != "auto" for lang in langs):
+        tables = tokenizer.language_blocked(lm.cfg.text_vocab)
+        none = np.zeros(lm.cfg.text_vocab, dtype=bool)
+        blocked = torch.from_numpy(np.stack([tables.get(lang, none) for lang in langs]))
+    ids = lm.generate_text(codes, seeds, language=langs, blocked=blocked, temperature=temperature, top_k=top_k,
+                           top_p=top_p)
+    return [tokenizer.decode(t) for t in ids]
 
 
 def _check_text(p: Any) -> str:

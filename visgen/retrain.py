@@ -111,6 +111,7 @@ def retrain(spec, cfg: RetrainConfig | None = None) -> dict:
 def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     from visgen.data.token_cache import build_token_cache
     from visgen.eval.bundle import evaluate_bundle
+    from visgen.eval.tune import tune_bundle
     from visgen.pipeline import read_manifest, write_bundle
     from visgen.registry import CHAMPION, Registry
     from visgen.runtime import init_ray
@@ -169,10 +170,14 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
                                   extra={"pipeline": spec.name, "parent_version": champion.version,
                                          "shards": _source_signature(expand_source(spec.data.ingest.source))})
 
-    # Same held-out shards, same prompts, same seeds for both.
+    # The challenger's sampling defaults are searched as the pipeline searches them (the champion
+    # keeps the choice it was registered with); then the same held-out shards, prompts and seeds for both.
+    search = spec.eval.sampling_search
+    tuned = tune_bundle(challenger_dir, search, judge=spec.eval.geneval.judge) if search.enabled else None
     kw = dict(ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions, workdir=wd)
     challenger_eval = evaluate_bundle(challenger_dir, eval_dir=run_dir / "eval" / "challenger",
-                                      tracking=spec.tracking, run_name=f"retrain-{stamp}", **kw)
+                                      tracking=spec.tracking, run_name=f"retrain-{stamp}",
+                                      sampling_search=search if search.enabled else None, search_result=tuned, **kw)
     champion_eval = evaluate_bundle(champ_dir, eval_dir=run_dir / "eval" / "champion", **kw)
     new_score, old_score = challenger_eval[cfg.gate_metric], champion_eval[cfg.gate_metric]
     version = reg.register(challenger_dir, tags={"visgen.parent_version": champion.version,

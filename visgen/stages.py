@@ -39,15 +39,23 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
     """Train the byte-level BPE over the captions of the shard source; reuse it when up to date."""
     from visgen.data.ingest import read_captions
     from visgen.data.sources import expand_source
-    from visgen.text.tokenizer import train_text_tokenizer
+    from visgen.text.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_text_tokenizer
 
     out = spec.paths.text_tokenizer
     meta_path = out.with_suffix(".meta.json")
+    # The special tokens are part of what the file must hold: one trained before the language
+    # tokens (<en>, <zh>) existed is retrained here, not refused later by every stage that loads it.
     meta = {"config": spec.text_tokenizer.model_dump(mode="json"),
-            "source": _source_signature(expand_source(spec.data.ingest.source))}
+            "source": _source_signature(expand_source(spec.data.ingest.source)), "specials": list(SPECIAL_TOKENS)}
     if not force and out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
-        log.info("text tokenizer %s is up to date; reusing it", out)
-        return out
+        try:
+            TextTokenizer.load(out)
+            log.info("text tokenizer %s is up to date; reusing it", out)
+            return out
+        except ValueError as err:
+            log.warning("text tokenizer %s cannot be used (%s); retraining it", out, err)
+    elif out.is_file() and not force:
+        log.info("text tokenizer %s was trained for other captions, settings or special tokens; retraining it", out)
     init_ray()
     t0 = time.perf_counter()
     ds = read_captions(spec.data.ingest)
@@ -84,14 +92,15 @@ def train_tokenizer(spec: PipelineSpec, run_name: str | None = None, crash_at=No
 
 
 def eval_tokenizer(spec: PipelineSpec, run_name: str | None = None) -> dict:
-    """PSNR / SSIM / codebook usage / perplexity of the exported tokenizer on the held-out shards."""
+    """PSNR / SSIM / codebook usage / perplexity of the exported tokenizer on the held-out shards; on
+    shapes data also the GenEval-shapes ceiling of its reconstructions (what a transformer can reach)."""
     from visgen.train.image_tokenizer import RUN_NAME, evaluate_image_tokenizer
 
     model_dir = spec.paths.models / "image_tokenizer"
     if not (model_dir.is_dir() and any(model_dir.iterdir())):
         raise FileNotFoundError(f"no trained image tokenizer in {model_dir}; run `visgen train tokenizer --pipeline ...` first")
     return evaluate_image_tokenizer(model_dir, spec.data.ingest, workdir=spec.workdir, tracking=spec.tracking,
-                                    run_name=run_name or RUN_NAME)
+                                    run_name=run_name or RUN_NAME, geneval_ceiling=spec.data.synth is not None)
 
 
 def token_cache(spec: PipelineSpec, force: bool = False):
@@ -148,7 +157,9 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
         same = (old.get("lm", {}).get("fingerprint") == json.loads((lm_dir / LM_JSON).read_text())["fingerprint"]
                 and old.get("image_tokenizer", {}).get("fingerprint") == json.loads((vq_dir / VQ_JSON).read_text())["fingerprint"]
                 and old.get("text_tokenizer", {}).get("fingerprint") == TextTokenizer.load(spec.paths.text_tokenizer).fingerprint()
-                and old.get("sampling") == spec.sampling.model_dump(mode="json") and old.get("shards") == shards)
+                # A searched bundle keeps the spec's section apart from the chosen defaults.
+                and old.get("sampling_spec", old.get("sampling")) == spec.sampling.model_dump(mode="json")
+                and old.get("shards") == shards)
         if same:
             log.info("bundle %s is up to date (same parts, sampling and shards); keeping it", out)
             return out
@@ -167,14 +178,19 @@ def _shard_list(spec: PipelineSpec) -> list[str]:
 def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: str | None = None,
             force: bool = False) -> dict:
     """GenEval-shapes and the caption benchmark on the bundle (default: the pipeline's own). A bundle
-    already evaluated with the same benchmark settings on the same held-out data keeps its results."""
+    already evaluated with the same benchmark settings on the same held-out data keeps its results.
+    With ``eval.sampling_search.enabled`` the bundle's sampling defaults are first chosen on
+    validation prompts (:mod:`visgen.eval.tune`), and the benchmark runs with them."""
     from visgen.eval.bundle import eval_identity, evaluate_bundle
+    from visgen.eval.tune import tune_bundle
     from visgen.train.lm import RUN_NAME
 
     d = Path(bundle_dir) if bundle_dir else spec.paths.bundle
     if not (d / "manifest.json").is_file():
         raise FileNotFoundError(f"no model bundle in {d}; run `visgen train lm --pipeline ...` (it writes the bundle) first")
-    identity = eval_identity(spec.data.ingest, spec.eval.geneval, spec.eval.captions)
+    search = spec.eval.sampling_search
+    identity = eval_identity(spec.data.ingest, spec.eval.geneval, spec.eval.captions,
+                             search if search.enabled else None)
     done = d / "eval.json"
     if not force and done.is_file():
         previous = json.loads(done.read_text(encoding="utf-8"))
@@ -182,8 +198,10 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
             log.info("bundle %s was already evaluated with these settings on this held-out data; keeping the results", d)
             return previous
     init_ray()
+    tuned = tune_bundle(d, search, judge=spec.eval.geneval.judge) if search.enabled else None
     return evaluate_bundle(d, ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions,
-                           workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME)
+                           workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME,
+                           sampling_search=search if search.enabled else None, search_result=tuned)
 
 
 def publish(spec: PipelineSpec) -> dict:
@@ -280,7 +298,8 @@ def run_pipeline(spec: PipelineSpec) -> dict:
 
     t = _banner(5, steps, "evaluate image tokenizer on the held-out shards")
     ev = eval_tokenizer(spec)
-    summary["image_tokenizer_eval"] = {k: ev[k] for k in ("psnr", "ssim", "usage", "perplexity", "n_images") if k in ev}
+    summary["image_tokenizer_eval"] = {k: ev[k] for k in ("psnr", "ssim", "usage", "perplexity", "n_images",
+                                                          "geneval_ceiling") if k in ev}
     summary["eval_tokenizer_s"] = round(time.perf_counter() - t, 1)
 
     t = _banner(6, steps, "token cache (Ray Data, frozen image tokenizer as an actor pool)")

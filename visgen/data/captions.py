@@ -321,9 +321,18 @@ def _parser(language: str) -> _Parser:
 _CJK = re.compile(r"[\u3400-\u9fff]")
 
 
+_LATIN = re.compile(r"[A-Za-z]")
+
+
 def detect_language(text: str) -> str:
     """'zh' when the text holds any CJK ideograph, else 'en'."""
     return "zh" if _CJK.search(text) else "en"
+
+
+def language_ok(text: str, language: str) -> bool:
+    """``text`` holds no words of the other language: 'en' no CJK ideograph, 'zh' no Latin letter A-Z / a-z."""
+    _check_language(language)
+    return not (_CJK if language == "en" else _LATIN).search(text)
 
 
 def _normalize(text: str, language: str, strip: bool = True) -> str:

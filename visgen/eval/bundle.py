@@ -21,7 +21,9 @@ log = logging.getLogger("visgen.eval")
 
 
 def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: Path) -> dict:
-    """Caption the first ``cfg.samples`` held-out renders and score them against their scenes."""
+    """Caption the first ``cfg.samples`` held-out renders, each in the language of its reference
+    caption, and score them against their scenes (per language too)."""
+    from visgen.data.captions import detect_language
     from visgen.data.ingest import build_dataset
     from visgen.data.shapes import Scene
     from visgen.eval.captions import caption_metrics
@@ -32,10 +34,11 @@ def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: Path) -> dict:
         raise ValueError("the held-out split is empty: nothing to caption (check data.ingest.holdout_shards)")
     scenes = [Scene.from_json(r["json"]) for r in rows]
     images = [np.asarray(r["image"], dtype=np.uint8) for r in rows]
+    languages = [detect_language(s.caption or "") for s in scenes]  # as the trainer labels captions
     t0 = time.perf_counter()
-    preds = pipe.caption(images, temperature=cfg.temperature, batch_size=cfg.batch_size)
+    preds = pipe.caption(images, language=languages, temperature=cfg.temperature, batch_size=cfg.batch_size)
     seconds = time.perf_counter() - t0
-    result = caption_metrics(preds, scenes, references=cfg.references, details=True)
+    result = caption_metrics(preds, scenes, languages=languages, references=cfg.references, details=True)
     result["images_per_s"] = len(images) / max(seconds, 1e-9)
     return result
 
@@ -61,21 +64,29 @@ def geneval_bundle(pipe, cfg: Any, out_dir: Path, judge=None) -> dict:
     return result
 
 
-def eval_identity(ingest: Any, geneval: Any, captions: Any) -> dict:
-    """What an evaluation result depends on besides the model: benchmark settings and held-out data."""
+def eval_identity(ingest: Any, geneval: Any, captions: Any, sampling_search: Any = None) -> dict:
+    """What an evaluation result depends on besides the model: benchmark settings, held-out data
+    and, when the sampling defaults are searched first, that search's settings."""
     from visgen.data.sources import expand_source, split_shards
     from visgen.data.token_cache import shard_signature
 
     shards = expand_source(ingest.source)
     holdout = split_shards(shards, ingest.holdout_shards, "holdout") if ingest.holdout_shards else []
-    return {"geneval": geneval.model_dump(mode="json"), "captions": captions.model_dump(mode="json"),
-            "resolution": ingest.resolution, "holdout": shard_signature(holdout)}
+    out = {"geneval": geneval.model_dump(mode="json"), "captions": captions.model_dump(mode="json"),
+           "resolution": ingest.resolution, "holdout": shard_signature(holdout)}
+    if sampling_search is not None:
+        out["sampling_search"] = sampling_search.model_dump(mode="json")
+    return out
 
 
 def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captions: Any, workdir: str | Path,
                     tracking: Any = None, run_name: str = "lm", device: str = "auto",
-                    eval_dir: str | Path | None = None) -> dict:
+                    eval_dir: str | Path | None = None, sampling_search: Any = None,
+                    search_result: dict | None = None) -> dict:
     """Both benchmarks on the bundle; returns (and stores) the summary with per-task numbers.
+
+    ``sampling_search`` / ``search_result``: the search that chose the bundle's sampling defaults
+    (:mod:`visgen.eval.tune`) and what it found; both are recorded with the results.
 
     Results go to ``eval_dir`` (default ``<workdir>/eval``: ``lm.json`` and ``geneval/``) and into
     the bundle; ``tracking`` logs them to the MLflow run ``run_name``."""
@@ -96,6 +107,8 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
         "caption_exact": cap["exact"],
         "caption_faithful": cap["faithful"],
         "caption_parsed": cap["parsed"],
+        "caption_language_ok": cap["language_ok"],
+        **{f"caption_slot_accuracy_{lang}": v["slot_accuracy"] for lang, v in cap["by_language"].items()},
         **{f"caption_bleu_{lang}": v for lang, v in cap["bleu"].items()},
         "geneval_images": sum(v["images"] for v in gen["tasks"].values()),
         "caption_images": cap["captions"],
@@ -105,9 +118,11 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
         "sampling": pipe.sampling.model_dump(),
         "eval_s": round(time.perf_counter() - t0, 1), "geneval_s": round(t_gen, 1),
     }
-    full = {**summary, "identity": eval_identity(ingest, geneval, captions), "geneval": {k: gen[k] for k in ("overall", "tasks", "by_language") if k in gen},
+    full = {**summary, "identity": eval_identity(ingest, geneval, captions, sampling_search), "geneval": {k: gen[k] for k in ("overall", "tasks", "by_language") if k in gen},
             "captions": {k: v for k, v in cap.items() if k != "per_caption"},
             "caption_examples": cap.get("per_caption", [])[:32]}
+    if search_result is not None:
+        full["sampling_search"] = search_result
     out = ev_dir / "lm.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=1, default=str), encoding="utf-8")
@@ -116,6 +131,8 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
         with Tracker.start(tracking, wd, run_name) as tracker:
             tracker.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
             tracker.log_dict(full, "eval/lm.json")
+            for grid in sorted((ev_dir / "geneval" / "grids").glob("*.png")):  # samples per task, prompt under each
+                tracker.log_artifact(grid, "eval/geneval_grids")
     log.info("evaluated %s: GenEval-shapes overall %.3f, caption slot accuracy %.3f -> %s",
              bundle_dir, summary["geneval_overall"], summary["caption_slot_accuracy"], out)
     return full

@@ -16,10 +16,16 @@ noun phrases and relation they do state) and compared with the scene it describe
   stated counts add up to the scene's objects. Unlike ``exact`` it does not penalise a caption
   that truthfully adds a colour or size the reference left out.
 * ``parsed`` — share of captions inside the grammar (strict parse succeeds).
+* ``language_ok`` — share of captions that hold no words of the other language than the one
+  asked for (:func:`~visgen.data.captions.language_ok`: an English caption no CJK ideograph, a
+  Chinese one no Latin letter).
 * ``bleu`` — corpus BLEU (sacrebleu) per language against ``references`` captions of the same
   prompt: the scene's own caption plus others the grammar writes for it (it has synonyms, so
   one reference would punish a correct synonym). English is lower-cased and tokenised with
   sacrebleu's ``13a``; Chinese with its ``zh`` tokenizer (one token per character). No Java tools.
+
+Every number is also reported per language asked for (``by_language``): the benchmark asks each
+image for a caption in the language of its reference caption.
 """
 
 from __future__ import annotations
@@ -131,6 +137,7 @@ def _summary(rows: list[dict]) -> dict:
         "slots": {k: (c / t if t else None) for k, (c, t) in totals.items()},
         "exact": sum(r["exact"] for r in rows) / n,
         "faithful": sum(r["faithful"] for r in rows) / n,
+        "language_ok": sum(r["language_ok"] for r in rows) / n,
     }
 
 
@@ -140,7 +147,7 @@ def caption_metrics(predictions: Sequence[str], scenes: Sequence[Scene], languag
 
     ``languages[i]`` is the language the caption was asked for (default: each scene's caption
     language); BLEU is computed per language. Returns ``{"captions", "parsed", "slot_accuracy",
-    "slots": {kind: accuracy}, "exact", "faithful", "bleu": {lang: score}, "references",
+    "slots": {kind: accuracy}, "exact", "faithful", "language_ok", "bleu": {lang: score}, "references",
     "by_language": {lang: {...}}}`` (plus ``"per_caption"`` with ``details``).
     """
     if len(predictions) != len(scenes):
@@ -161,6 +168,7 @@ def caption_metrics(predictions: Sequence[str], scenes: Sequence[Scene], languag
             raise TypeError(f"captions must be str, got {type(text).__name__} for scene {scene.scene_id!r}")
         pred, in_grammar = parse(text)
         rows.append({"scene_id": scene.scene_id, "lang": lang, "caption": text, "in_grammar": in_grammar,
+                     "language_ok": grammar.language_ok(text, lang),
                      "slot_accuracy": grammar.slot_accuracy(pred, scene.prompt),
                      "checks": slot_checks(pred, scene.prompt),
                      "exact": pred.canonical() == scene.prompt.canonical(),
@@ -182,8 +190,9 @@ def caption_metrics(predictions: Sequence[str], scenes: Sequence[Scene], languag
 def log_to_tracker(result: dict, tracker, step: int = 0, prefix: str = "caption") -> None:
     """Scalars to ``tracker.log_metrics`` (``caption/slot_accuracy``, ``caption/bleu_en`` ...), the
     result to ``tracker.log_dict`` as ``eval/caption.json``."""
-    metrics = {f"{prefix}/{k}": result[k] for k in ("slot_accuracy", "exact", "faithful", "parsed")}
+    metrics = {f"{prefix}/{k}": result[k] for k in ("slot_accuracy", "exact", "faithful", "parsed", "language_ok")}
     metrics.update({f"{prefix}/slot_{k}": v for k, v in result["slots"].items() if v is not None})
     metrics.update({f"{prefix}/bleu_{lang}": v for lang, v in result["bleu"].items()})
+    metrics.update({f"{prefix}/slot_accuracy_{lang}": v["slot_accuracy"] for lang, v in result["by_language"].items()})
     tracker.log_metrics(metrics, step)
     tracker.log_dict(result, f"eval/{prefix}.json")

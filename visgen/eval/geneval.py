@@ -303,6 +303,22 @@ def reference_image(record: Mapping, resolution: int, seed: int = 0, jpeg_qualit
     return encode_decode_jpeg(shapes.render(scene), jpeg_quality)
 
 
+def reconstruction_ceiling(reconstruct: Callable[[np.ndarray], np.ndarray], judge: Judge, resolution: int,
+                           records: Sequence[Mapping] | None = None) -> dict:
+    """GenEval-shapes of an image tokenizer's reconstructions of real renders of the prompts.
+
+    A text → image model draws *through* its image tokenizer, so this is the most it can score:
+    a tokenizer that turns a small triangle into a blob caps every generator built on it, however
+    good the transformer. ``reconstruct`` maps uint8 images (B, R, R, 3) to their reconstructions.
+    Default records: the benchmark's English prompts (the Chinese ones name the same slots).
+    """
+    records = list(records) if records is not None else load_prompt_set(languages=("en",))
+    refs = np.stack([reference_image(r, resolution, seed=i) for i, r in enumerate(records)])
+    res = score_generations(records, list(reconstruct(refs)), judge, details=False)
+    return {"overall": res["overall"], "tasks": {t: v["accuracy"] for t, v in res["tasks"].items()},
+            "images": len(records), "resolution": resolution}
+
+
 # -- scoring ------------------------------------------------------------------------------------------
 
 def _judge_report(judge: Judge, resolution: int | None) -> dict:
@@ -384,6 +400,48 @@ def save_generations(out_dir: str | Path, records: Sequence[Mapping], images: Se
         unique.setdefault(rec["id"], rec)
     lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in unique.values()]
     (out / METADATA_NAME).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def task_grids(records: Sequence[Mapping], images: Sequence[np.ndarray], verdicts: Sequence[bool] | None = None, *,
+               per_task: int = 8, language: str = "en", scale: int = 4, label_px: int = 44) -> dict[str, np.ndarray]:
+    """One picture per task: its first ``per_task`` images in ``language``, each enlarged ``scale``
+    times (nearest neighbour, so pixels stay pixels) with its prompt written under it and, given
+    ``verdicts``, the judge's verdict ("ok" / "miss"). Returns ``{task: uint8 (H, W, 3)}``.
+
+    The label uses PIL's built-in font, which has Latin glyphs only: pass ``language="en"`` (the
+    Chinese prompts name the same slots as the English ones with the same number).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    verdicts = list(verdicts) if verdicts is not None else [None] * len(records)
+    out: dict[str, np.ndarray] = {}
+    for task in TASKS:
+        picked = [(r, im, v) for r, im, v in zip(records, images, verdicts)
+                  if r["task"] == task and r.get("lang", "en") == language][:per_task]
+        if not picked:
+            continue
+        h, w = np.asarray(picked[0][1]).shape[:2]
+        cw, ch = w * scale, h * scale + label_px
+        sheet = Image.new("RGB", (len(picked) * (cw + 4) + 4, ch + 8), (255, 255, 255))
+        draw = ImageDraw.Draw(sheet)
+        for i, (rec, im, ok) in enumerate(picked):
+            x = 4 + i * (cw + 4)
+            sheet.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)).resize((cw, h * scale), Image.Resampling.NEAREST),
+                        (x, 4))
+            words, lines = str(rec["prompt"]).split(), [""]
+            for word in words:  # wrap to the cell's width
+                trial = (lines[-1] + " " + word).strip()
+                if draw.textlength(trial, font=font) <= cw or not lines[-1]:
+                    lines[-1] = trial
+                else:
+                    lines.append(word)
+            if ok is not None:
+                lines.append("ok" if ok else "miss")
+            draw.multiline_text((x, 6 + h * scale), "\n".join(lines[:4]), font=font, spacing=0,
+                                fill=(0, 110, 0) if ok else (0, 0, 0) if ok is None else (180, 0, 0))
+        out[task] = np.asarray(sheet)
     return out
 
 
@@ -496,6 +554,15 @@ def evaluate_generator(generate: Callable[[list[str]], Sequence[np.ndarray]], ju
     result = score_generations(todo, images, judge, tracker=tracker, step=step)
     if out_dir is not None:
         write_results(result, Path(out_dir) / "results.json")
+        from PIL import Image
+
+        # For people: prompt and verdict under each image, one sheet per task (a subfolder, so the
+        # folder itself keeps only the scored images).
+        grids = Path(out_dir) / "grids"
+        grids.mkdir(exist_ok=True)
+        verdicts = [p["correct"] for p in result["per_image"]]
+        for task, grid in task_grids(todo, images, verdicts).items():
+            Image.fromarray(grid).save(grids / f"{task}.png")
     return result
 
 

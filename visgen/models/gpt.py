@@ -3,7 +3,7 @@
 Text → image, image → text and image completion are one next-token model (DALL-E 1, LlamaGen,
 Chameleon, Janus) over a shared vocabulary::
 
-    [0, text_vocab)                          byte-level BPE ids; the specials sit at 0-7
+    [0, text_vocab)                          byte-level BPE ids; the specials sit at 0-9
     [text_vocab, text_vocab + codebook_size) image codes of the VQ tokenizer, at an offset
     ... up to a multiple of 64                unused (never emitted, never a target)
 
@@ -11,7 +11,13 @@ Every sequence has the same fixed layout, length L = N + S + 4 with N image toke
 S = max_text_tokens + 1 text slots (text, ``<eos>``, ``<pad>`` up to S)::
 
     t2i:  <bos> <t2i> [text <eos> <pad>...] <soi> img_0 ... img_{N-1} <eoi>
-    i2t:  <bos> <i2t> <soi> img_0 ... img_{N-1} <eoi> [text <eos> <pad>...]
+    i2t:  <bos> <i2t> <soi> img_0 ... img_{N-1} <eoi> [<lang> text <eos> <pad>...]
+
+The first text slot of an image → text sequence is the caption's language, ``<en>`` or ``<zh>``
+(a caption holding a CJK ideograph is Chinese), so a caption holds at most S - 2 tokens there.
+The language token is a training target like the text: captioning either lets the model choose
+it ("auto") or forces it, and a forced language also blocks the tokens of the other script
+(``blocked`` of :meth:`VisGPT.generate_text`, built from the tokenizer by the caller).
 
 A fixed layout needs no attention padding mask (``is_causal`` SDPA, flash kernels on GPU) and
 gives every image token a fixed slot. The classifier-free-guidance "null" prompt is the text
@@ -19,8 +25,9 @@ region ``[<null> <pad>...]``. Positions: a learned embedding per sequence slot p
 row + column embedding on image tokens, so the 2D grid is shared by both layouts.
 
 The loss is per-modality: image targets are scored against image codes only, text targets
-against text ids only (the specials other than ``<eos>`` excluded), so the model never spends
-probability on the wrong modality, and sampling applies the same restriction.
+against text ids only (the specials other than ``<eos>`` excluded; the language slot against the
+language tokens only), so the model never spends probability on the wrong modality, and sampling
+applies the same restriction.
 
 Generation keeps a static KV cache in module buffers (``setup_cache``): shapes never change
 between decode steps, so ``torch.compile(mode="reduce-overhead")`` can capture the step as a
@@ -45,12 +52,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from visgen.config import Section, SpecError, validate_section
-from visgen.text.tokenizer import SPECIAL_TOKENS
+from visgen.text.tokenizer import LANGUAGE_TOKENS, SPECIAL_TOKENS
 
 SPECIAL = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 BOS, EOS, PAD = SPECIAL["<bos>"], SPECIAL["<eos>"], SPECIAL["<pad>"]
 T2I, I2T, SOI, EOI, NULL = SPECIAL["<t2i>"], SPECIAL["<i2t>"], SPECIAL["<soi>"], SPECIAL["<eoi>"], SPECIAL["<null>"]
+LANG_IDS = {lang: SPECIAL[tok] for lang, tok in LANGUAGE_TOKENS.items()}  # {"en": <en>, "zh": <zh>}
+EN, ZH = LANG_IDS["en"], LANG_IDS["zh"]
+CAPTION_LANGUAGES = ("auto", *LANG_IDS)  # what captioning accepts: the model chooses, or one language
 TASK_T2I, TASK_I2T = 0, 1
+LM_FORMAT = "visgen-lm/2"  # /2: language tokens (ids 8-9) and the language slot of the i2t layout
 
 
 class GPTConfig(Section):
@@ -155,15 +166,45 @@ class Layout:
     def i2t_text(self) -> slice:
         return slice(self.i2t_eoi + 1, self.i2t_eoi + 1 + self.text_slots)
 
-    def text_region(self, ids: Sequence[int] | None) -> list[int]:
-        """``ids`` (cut to S - 1) + ``<eos>`` + ``<pad>``s; ``None`` is the null prompt ``<null> <pad>...``."""
+    def text_region(self, ids: Sequence[int] | None, lang: str | None = None) -> list[int]:
+        """``ids`` (cut to S - 1) + ``<eos>`` + ``<pad>``s; ``None`` is the null prompt ``<null> <pad>...``.
+
+        ``lang`` ('en' / 'zh') makes the image → text region: ``<lang>`` + ``ids`` (cut to S - 2) + ...
+        """
         if ids is None:
             return [NULL] + [PAD] * (self.text_slots - 1)
-        ids = [int(i) for i in ids][: self.text_slots - 1]
+        head = [] if lang is None else [lang_id(lang)]
+        ids = [int(i) for i in ids][: self.text_slots - 1 - len(head)]
         bad = [i for i in ids if not len(SPECIAL_TOKENS) <= i < self.text_vocab]
         if bad:
             raise ValueError(f"text ids must be non-special ids in [{len(SPECIAL_TOKENS)}, {self.text_vocab}); got {bad[:5]}")
-        return ids + [EOS] + [PAD] * (self.text_slots - 1 - len(ids))
+        return head + ids + [EOS] + [PAD] * (self.text_slots - 1 - len(head) - len(ids))
+
+    def text_regions(self, ids: torch.Tensor, lengths: torch.Tensor, lang: torch.Tensor | None = None,
+                     null: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`text_region` for a batch, without a Python loop over rows: ``ids`` (B, W) long, of
+        which row i holds ``lengths[i]`` ids (the rest is ignored) → (B, S). ``lang`` (B,) language
+        token ids makes image → text regions; ``null`` (B,) bool puts the null prompt on those rows."""
+        b, s = ids.shape[0], self.text_slots
+        off = 0 if lang is None else 1
+        cap = s - 1 - off
+        if ids.shape[1] < cap:
+            ids = torch.cat([ids, ids.new_full((b, cap - ids.shape[1]), PAD)], dim=1)
+        body = ids[:, :cap]
+        n = lengths.to(ids.device).long().clamp(0, cap)
+        valid = torch.arange(cap, device=ids.device)[None] < n[:, None]
+        bad = valid & ((body < len(SPECIAL_TOKENS)) | (body >= self.text_vocab))
+        if bool(bad.any()):
+            raise ValueError(f"text ids must be non-special ids in [{len(SPECIAL_TOKENS)}, {self.text_vocab}); "
+                             f"got {body[bad][:5].tolist()}")
+        out = ids.new_full((b, s), PAD)
+        out[:, off: off + cap] = torch.where(valid, body, PAD)
+        out[torch.arange(b, device=ids.device), off + n] = EOS
+        if lang is not None:
+            out[:, 0] = lang.to(ids.device)
+        if null is not None:
+            out[null.to(ids.device)] = torch.tensor(self.text_region(None), dtype=out.dtype, device=ids.device)
+        return out
 
     def t2i(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """(B, S) text regions + (B, N) codes → (B, L) token ids."""
@@ -175,6 +216,28 @@ class Layout:
         b = text.shape[0]
         col = lambda v: torch.full((b, 1), v, dtype=torch.long, device=text.device)  # noqa: E731
         return torch.cat([col(BOS), col(I2T), col(SOI), image + self.text_vocab, col(EOI), text], dim=1)
+
+
+def lang_id(language: str) -> int:
+    """The special token id of caption language ``language`` ('en' / 'zh')."""
+    if language not in LANG_IDS:
+        raise ValueError(f"unknown caption language {language!r}; allowed: {', '.join(map(repr, LANG_IDS))}")
+    return LANG_IDS[language]
+
+
+def caption_languages(language: str | Sequence[str | None] | None, n: int) -> list[str]:
+    """``language`` for ``n`` captions → one of :data:`CAPTION_LANGUAGES` per caption (None = 'auto');
+    a ValueError naming the value and the allowed ones for anything else."""
+    langs = [language] * n if language is None or isinstance(language, str) else list(language)
+    if len(langs) != n:
+        raise ValueError(f"{len(langs)} languages for {n} images; pass one language, or one per image")
+    out = []
+    for lang in langs:
+        lang = "auto" if lang is None else lang
+        if lang not in CAPTION_LANGUAGES:
+            raise ValueError(f"language {lang!r} is not allowed; allowed: {', '.join(map(repr, CAPTION_LANGUAGES))}")
+        out.append(lang)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +341,18 @@ class VisGPT(nn.Module):
         slot[TASK_I2T, lay.i2t_image] = torch.arange(n)
         self.register_buffer("image_slot", slot, persistent=False)
         self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
-        # Text positions may emit any text id and <eos>, never another special.
+        # Text positions may emit any text id and <eos>, never another special; the language slot
+        # (the first i2t text slot) only a language token.
         blocked = torch.zeros(cfg.text_vocab, dtype=torch.bool)
         blocked[: len(SPECIAL_TOKENS)] = True
         blocked[EOS] = False
         self.register_buffer("text_blocked", blocked, persistent=False)
+        lang_only = torch.ones(cfg.text_vocab, dtype=torch.bool)
+        lang_only[list(LANG_IDS.values())] = False
+        self.register_buffer("lang_blocked", lang_only, persistent=False)
+        i2t = blocked[None].repeat(self.layout.text_slots, 1)
+        i2t[0] = lang_only
+        self.register_buffer("i2t_blocked", i2t, persistent=False)  # (S, V_text), per i2t text slot
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -341,10 +411,11 @@ class VisGPT(nn.Module):
         off = self.cfg.text_vocab
         return F.linear(h, self.head.weight[off: off + self.cfg.codebook_size])
 
-    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., d) → (..., text_vocab): the head restricted to text ids, specials but <eos> at -inf."""
+    def text_logits(self, h: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d) → (..., text_vocab): the head restricted to text ids, specials but <eos> at -inf
+        (or the ids ``blocked``, a bool mask broadcasting against the logits)."""
         logits = F.linear(h, self.head.weight[: self.cfg.text_vocab])
-        return logits.masked_fill(self.text_blocked, float("-inf"))
+        return logits.masked_fill(self.text_blocked if blocked is None else blocked, float("-inf"))
 
     def forward(self, tokens: torch.Tensor, n_t2i: int, z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training forward = :meth:`loss` (what DDP and ``torch.compile`` wrap)."""
@@ -353,8 +424,9 @@ class VisGPT(nn.Module):
     def loss(self, tokens: torch.Tensor, n_t2i: int, z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Next-token loss of a batch whose first ``n_t2i`` rows are t2i sequences, the rest i2t.
 
-        t2i rows are scored on their N image tokens, i2t rows on their text and ``<eos>`` (pads
-        ignored), each restricted to its modality. The batch loss weights rows equally, so the
+        t2i rows are scored on their N image tokens, i2t rows on their language token, text and
+        ``<eos>`` (pads ignored), each restricted to its modality (the language slot to the
+        language tokens). The batch loss weights rows equally, so the
         t2i/i2t mix of the batch is the mix of the objective. ``z_loss`` adds that weight times
         the mean squared log-partition of the scored logits (keeps logits from drifting).
         """
@@ -377,7 +449,7 @@ class VisGPT(nn.Module):
                 total = total + z_loss * (n_t2i / b) * logits.logsumexp(-1).pow(2).mean()
         if n_i2t:
             pred = slice(lay.i2t_eoi, lay.i2t_eoi + lay.text_slots)
-            logits = self.text_logits(h[n_t2i:, pred]).float()  # (m, S, V_text)
+            logits = self.text_logits(h[n_t2i:, pred], self.i2t_blocked).float()  # (m, S, V_text)
             target = tokens[n_t2i:, lay.i2t_text].clone()  # (m, S)
             target[target == PAD] = -100
             txt = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
@@ -463,11 +535,22 @@ class VisGPT(nn.Module):
         return seq[:b, lay.t2i_image] - lay.text_vocab
 
     @torch.no_grad()
-    def generate_text(self, image: torch.Tensor, seeds: torch.Tensor, *, temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, use_cache: bool = True) -> list[list[int]]:
-        """Caption codes (B, N): text ids per row, up to ``<eos>`` (excluded). ``temperature=0`` is greedy."""
+    def generate_text(self, image: torch.Tensor, seeds: torch.Tensor, *, language: str | Sequence[str | None] | None = None,
+                      blocked: torch.Tensor | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      use_cache: bool = True, return_language: bool = False):
+        """Caption codes (B, N): text ids per row, up to ``<eos>`` (excluded). ``temperature=0`` is greedy.
+
+        ``language`` (one for all rows, or one per row): 'auto' / None lets the model choose the
+        language token, 'en' / 'zh' puts that token in the language slot. ``blocked``, a bool mask
+        (V_text,) or (B, V_text), adds ids the text slots may not emit in that row (the other
+        script of a requested language: :meth:`visgen.text.TextTokenizer.language_blocked`).
+        With ``return_language`` also returns the language each row was written in.
+        """
         lay, dev = self.layout, self.head.weight.device
         b = image.shape[0]
+        langs = caption_languages(language, b)
+        forced = torch.tensor([LANG_IDS.get(lang, -1) for lang in langs], dtype=torch.long, device=dev)
+        text_mask = self.text_blocked if blocked is None else self.text_blocked | blocked.to(dev, torch.bool)
         filler = torch.full((b, lay.text_slots), PAD, dtype=torch.long, device=dev)
         seq = lay.i2t(image.to(dev), filler)
         task = torch.full((b,), TASK_I2T, dtype=torch.long, device=dev)
@@ -478,20 +561,26 @@ class VisGPT(nn.Module):
         for j in range(lay.text_slots):
             pos = lay.i2t_eoi + j
             h = self._step(seq, pos, task, use_cache, prefill=j == 0)
-            logits = self.text_logits(h).float()  # (B, V_text)
-            if j == last:  # the last slot can only close the text
+            if j == 0:  # the language slot: forced, or the model's choice among the language tokens
+                tok = torch.where(forced >= 0, forced, sample(self.text_logits(h, self.lang_blocked).float(), seeds, j,
+                                                              temperature, top_k, top_p))
+            elif j == last:  # the last slot can only close the text
                 tok = torch.full((b,), EOS, dtype=torch.long, device=dev)
             else:
-                tok = sample(logits, seeds, j, temperature, top_k, top_p)
+                tok = sample(self.text_logits(h, text_mask).float(), seeds, j, temperature, top_k, top_p)
             tok = torch.where(done, torch.full_like(tok, PAD), tok)
             seq[:, pos + 1] = tok
             done |= tok == EOS
             if bool(done.all()):
                 break
         out = []
-        for row in seq[:, lay.i2t_text].tolist():
+        region = seq[:, lay.i2t_text]
+        for row in region[:, 1:].tolist():
             out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
-        return out
+        if not return_language:
+            return out
+        by_id = {v: k for k, v in LANG_IDS.items()}
+        return out, [by_id[int(t)] for t in region[:, 0].tolist()]
 
     def _null_text(self, b: int, device) -> torch.Tensor:
         return torch.tensor([self.layout.text_region(None)] * b, dtype=torch.long, device=device)
@@ -572,7 +661,7 @@ def save_gpt(model: VisGPT, directory: str | Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(d / WEIGHTS_FILE))
-    meta = {"format": "visgen-lm/1", "config": model.cfg.model_dump(mode="json"), "fingerprint": model.fingerprint(),
+    meta = {"format": LM_FORMAT, "config": model.cfg.model_dump(mode="json"), "fingerprint": model.fingerprint(),
             "params": model.num_params()}
     (d / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return d
@@ -587,6 +676,10 @@ def load_gpt(directory: str | Path, device: str | torch.device = "cpu") -> VisGP
         if not (d / f).is_file():
             raise FileNotFoundError(f"{d / f} is missing: not a saved VisGPT (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
     meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != LM_FORMAT:
+        raise ValueError(f"{d / CONFIG_FILE} has format {meta.get('format')!r}, not {LM_FORMAT!r}: a transformer saved by an "
+                         "older visgen, before the caption language tokens, whose text ids mean other tokens now. "
+                         "Retrain it (`visgen train lm`, or `visgen run`, which also rebuilds the text tokenizer)")
     model = VisGPT(validate_section(GPTConfig, meta["config"], where=str(d / CONFIG_FILE)))
     model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
     if meta.get("fingerprint") and model.fingerprint() != meta["fingerprint"]:

@@ -10,7 +10,7 @@ Endpoints (under the route prefix)::
     GET  /healthz       {"status": "ok", "version": ...}
     GET  /v1/model      name, version, aliases, eval scores, sampling defaults, resolution
     POST /v1/generate   {prompt, n, seed, cfg_scale, temperature, top_k, top_p} -> base64 PNGs (or image/png)
-    POST /v1/caption    image (multipart field "image", or JSON {"image": base64}) -> caption
+    POST /v1/caption    image (multipart field "image", or JSON {"image": base64}) + language (auto | en | zh) -> caption
     POST /v1/edit       image + prompt + keep_rows (+ sampling) -> base64 PNG (or image/png)
     GET  /docs, /openapi.json
 
@@ -198,11 +198,11 @@ def _ingress_class(cfg: ServeConfig):
         @api.post("/v1/caption", summary="Image -> text", openapi_extra=image_body(schemas["caption"]))
         async def caption(self, request: Request):
             self._authorize(request)
-            _, data = await self._form(request, schemas["caption"])
+            req, data = await self._form(request, schemas["caption"])
             if self._resolution is None:
                 await self._info()
             image = decode_image(data, limits, "image", resolution=self._resolution)
-            result = self._result(await self._call(self.model.caption.remote({"image": image})))
+            result = self._result(await self._call(self.model.caption.remote({"image": image, "language": req.language})))
             return JSONResponse({"caption": result["caption"], "version": result["version"],
                                  "request_id": request.state.rid}, headers={VERSION_HEADER: str(result["version"])})
 

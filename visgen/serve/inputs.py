@@ -16,6 +16,7 @@ import email.policy
 import io
 import json
 import re
+import typing
 from typing import Any, AsyncIterator, Literal
 
 import numpy as np
@@ -62,7 +63,9 @@ def request_models(limits: ServeLimits, grid_rows: int | None = None) -> dict[st
     image = (str, Field(min_length=1, description="The image file (PNG, JPEG or WebP), base64-encoded."))
     generate = create_model("GenerateRequest", __config__=strict, prompt=prompt,
                             n=(int, Field(1, ge=1, le=limits.max_n, description="Images to draw.")), **sampling)
-    caption = create_model("CaptionRequest", __config__=strict, image=image)
+    language = (Literal["auto", "en", "zh"], Field("auto", description="Caption language: auto (the model chooses), "
+                                                   "en or zh (forced; the other script is blocked)."))
+    caption = create_model("CaptionRequest", __config__=strict, image=image, language=language)
     rows = Field(ge=0, le=grid_rows, description="Token rows kept from the top; the rest is redrawn.") if grid_rows is not None \
         else Field(ge=0, description="Token rows kept from the top; the rest is redrawn.")
     edit = create_model("EditRequest", __config__=strict, image=image, prompt=prompt, keep_rows=(int, rows), **sampling)
@@ -85,6 +88,8 @@ def validate(model: type[BaseModel], data: Any) -> BaseModel:
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(model.model_fields)
             raise RequestError(422, field, f"{field}: unknown field; allowed: {allowed}", allowed) from None
+        if e["type"] == "literal_error":  # one of a fixed set: the limit is the set
+            limit = list(typing.get_args(model.model_fields[field].annotation)) if field in model.model_fields else None
         shown = e.get("input")
         shown = (shown[:40] + "...") if isinstance(shown, str) and len(shown) > 40 else shown
         raise RequestError(422, field, f"{field}: {shown!r} is not allowed: {e['msg']}", limit) from None

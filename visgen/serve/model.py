@@ -302,11 +302,15 @@ class VisgenModel:
     def _run_caption(served: Served, jobs: list[dict]) -> list[dict]:
         import torch
 
+        from visgen.pipeline import caption_codes
+
         pipe, version = served.pipe, served.info.get("version")
         codes = pipe.encode_images([np.asarray(j["image"], dtype=np.uint8) for j in jobs])  # (B, N)
         seeds = torch.tensor([j.get("seed", 0) for j in jobs], dtype=torch.long, device=pipe.device)
-        ids = pipe.lm.generate_text(codes, seeds, temperature=pipe.sampling.caption_temperature)
-        return [{"caption": pipe.tokenizer.decode(t), "version": version, "batch": len(jobs)} for t in ids]
+        # One forward for the whole batch: the language is per row (forced token + blocked script).
+        texts = caption_codes(pipe.lm, pipe.tokenizer, codes, seeds, [j.get("language", "auto") for j in jobs],
+                              temperature=pipe.sampling.caption_temperature)
+        return [{"caption": t, "version": version, "batch": len(jobs)} for t in texts]
 
     @staticmethod
     def _run_edit(served: Served, jobs: list[dict]) -> list[dict]:

@@ -1,7 +1,7 @@
 """The playground page served at ``/``: one static HTML file that calls the public endpoints.
 
-Prompt → images (``POST v1/generate``), upload → caption (``POST v1/caption``), and the served
-model version (``GET v1/model``). An optional bearer token field is sent as ``Authorization``.
+Prompt → images (``POST v1/generate``), upload → caption in the chosen language (``POST
+v1/caption``: auto / English / Chinese), and the served model version (``GET v1/model``). An optional bearer token field is sent as ``Authorization``.
 """
 
 import html
@@ -44,6 +44,11 @@ PAGE = """<!doctype html>
  <h2>Image → text</h2>
  <form id="cap-form">
   <input type="file" id="file" accept="image/png,image/jpeg,image/webp" required>
+  <label>language <select id="cap-language">
+   <option value="auto" selected>auto (the model chooses)</option>
+   <option value="en">English</option>
+   <option value="zh">中文 (Chinese)</option>
+  </select></label>
   <button type="submit" id="cap-button">Caption</button>
  </form>
  <p>Caption: <strong id="caption"></strong></p>
@@ -112,6 +117,7 @@ $("cap-form").addEventListener("submit", async (ev) => {
   try {
     const form = new FormData();
     form.append("image", $("file").files[0]);
+    form.append("language", $("cap-language").value);
     const r = await call("v1/caption", {method: "POST", headers: headers(), body: form});
     $("caption").textContent = r.caption;
     $("cap-status").textContent = "version " + r.version;

@@ -2,7 +2,13 @@
 
 Byte-level means every Unicode string (Chinese, emoji, control characters) maps to tokens and
 back without loss: there is no normaliser and no unknown token. The special tokens take ids
-0..7 in the order of :data:`SPECIAL_TOKENS`; the rest of the vocabulary is learned.
+0..9 in the order of :data:`SPECIAL_TOKENS` (the control tokens of the sequence layout, then one
+language token per caption language, :data:`LANGUAGE_TOKENS`); the rest of the vocabulary is
+learned.
+
+:meth:`TextTokenizer.script_tables` classifies every id by the bytes it stands for (ASCII only,
+holds an ASCII letter, holds part of a CJK ideograph): the transformer trainer reads a caption's
+language from its ids with it, and captioning in a requested language blocks the other script.
 
 Special-token strings typed by a user (a caption that literally contains ``<eos>``) are encoded
 as ordinary bytes, never as the control token: user text cannot inject control tokens.
@@ -14,19 +20,21 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from visgen.config import Section
 
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<t2i>", "<i2t>", "<soi>", "<eoi>", "<null>")
+LANGUAGE_TOKENS = {"en": "<en>", "zh": "<zh>"}  # caption language -> its special token
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<t2i>", "<i2t>", "<soi>", "<eoi>", "<null>", *LANGUAGE_TOKENS.values())
 
 
 class TextTokenizerConfig(Section):
     """How the text tokenizer is trained."""
 
     vocab_size: int = Field(4096, ge=len(SPECIAL_TOKENS) + 256, le=262_144,
-                            description="Total vocabulary incl. the 256 byte symbols and the 8 specials.")
+                            description="Total vocabulary incl. the 256 byte symbols and the 10 specials.")
     min_frequency: int = Field(2, ge=1, description="A merge must occur this often in the training captions.")
     max_captions: int = Field(200_000, ge=1, description="At most this many captions are read to train it.")
 
@@ -37,10 +45,17 @@ class TextTokenizer:
     def __init__(self, tok: Tokenizer):
         missing = [s for s in SPECIAL_TOKENS if tok.token_to_id(s) is None]
         if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with visgen.text.train_text_tokenizer")
+            raise ValueError(f"tokenizer lacks the special tokens {missing} (one trained by an older visgen, before the "
+                             "language tokens): retrain it with `visgen data tokenizer --force` "
+                             "(or visgen.text.train_text_tokenizer)")
+        wrong = {s: tok.token_to_id(s) for i, s in enumerate(SPECIAL_TOKENS) if tok.token_to_id(s) != i}
+        if wrong:
+            raise ValueError(f"tokenizer has the special tokens at other ids than 0..{len(SPECIAL_TOKENS) - 1}: {wrong}; "
+                             "retrain it with `visgen data tokenizer --force`")
         self._tok = tok
         self.special_ids = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
         self._special_set = frozenset(self.special_ids.values())
+        self._tables: dict[int, dict[str, np.ndarray]] = {}
 
     # -- persistence -------------------------------------------------------------------------
     @classmethod
@@ -110,8 +125,69 @@ class TextTokenizer:
             ids = [i for i in ids if i not in self._special_set]
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    # -- what each id stands for -------------------------------------------------------------------
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id stands for (``None`` for the specials), in id order."""
+        inverse = _unicode_to_bytes()
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            out.append(None if piece is None or i in self._special_set else bytes(inverse[c] for c in piece))
+        return out
+
+    def script_tables(self, size: int | None = None) -> dict[str, np.ndarray]:
+        """Boolean tables over ids ``[0, size)`` (default: the vocabulary), computed once per size:
+
+        * ``ascii``: the token's bytes are all ASCII;
+        * ``latin``: the token holds an ASCII letter A-Z / a-z;
+        * ``cjk``: the token holds the lead byte of a CJK ideograph (U+4000-U+9FFF, or U+3400-U+3FFF
+          when the token also holds the byte after it): a caption is Chinese in the sense of
+          :func:`visgen.data.captions.detect_language` exactly when one of its ids is ``cjk``
+          (up to a rare U+3400-U+3FFF ideograph split across two tokens).
+
+        The specials and the unused ids ``[vocab_size, size)`` are False in every table.
+        """
+        size = self.vocab_size if size is None else int(size)
+        if size < self.vocab_size:
+            raise ValueError(f"script tables of size {size} cannot cover the {self.vocab_size} ids of the tokenizer")
+        if size not in self._tables:
+            tables = {k: np.zeros(size, dtype=bool) for k in ("ascii", "latin", "cjk")}
+            for i, b in enumerate(self.token_bytes()):
+                if b is None:
+                    continue
+                tables["ascii"][i] = b.isascii()
+                tables["latin"][i] = any(65 <= c <= 90 or 97 <= c <= 122 for c in b)
+                tables["cjk"][i] = any(0xE4 <= c <= 0xE9 or (c == 0xE3 and n >= 0x90) for c, n in zip(b, b[1:] + b"\0"))
+            for t in tables.values():
+                t.flags.writeable = False
+            self._tables[size] = tables
+        return self._tables[size]
+
+    def language_blocked(self, size: int | None = None) -> dict[str, np.ndarray]:
+        """Per caption language, the ids a caption in that language may not use (the specials are not
+        covered: the model handles them): ``en`` blocks every token with a non-ASCII byte, ``zh``
+        every token holding an ASCII letter; both block the unused ids ``[vocab_size, size)``."""
+        t = self.script_tables(size)
+        learned = np.zeros(len(t["ascii"]), dtype=bool)  # ids that stand for bytes
+        learned[: self.vocab_size] = True
+        learned[sorted(self._special_set)] = False
+        unused = np.arange(len(learned)) >= self.vocab_size
+        return {"en": (learned & ~t["ascii"]) | unused, "zh": (learned & t["latin"]) | unused}
+
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size})"
+
+
+def _unicode_to_bytes() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, as ``tokenizers`` uses it), inverted."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
 
 
 def _empty_bpe() -> Tokenizer:

@@ -15,6 +15,21 @@ from pydantic import BeforeValidator, Field, model_validator
 from visgen.config import Section
 
 
+def _auto_or_cpus(v: Any) -> Any:
+    # One clear error instead of pydantic's one-per-union-member.
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1024:
+        raise ValueError("expected 'auto' or a number of CPUs in (0, 1024]")
+    return float(v)
+
+
+def _auto_or_bool(v: Any) -> Any:
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise ValueError("expected 'auto', true or false")
+
+
 class TrainConfig(Section):
     """The optimisation loop shared by every trainer: steps, optimiser, schedule, checkpoints, logging."""
 
@@ -38,29 +53,23 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Base seed; worker r seeds torch/numpy/random with seed + r.")
     max_failures: int = Field(2, ge=-1, le=1000, description="Worker-group restarts (from the last checkpoint) before the run fails; -1 = unlimited.")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; CPU always runs fp32 (autocast is not used there).")
-    prefetch_batches: int = Field(2, ge=0, le=64, description="Batches Ray Data prepares ahead of the step, per worker.")
-    shuffle_buffer: int = Field(0, ge=0, le=1_000_000, description="Rows in each worker's local shuffle buffer; 0 keeps the stream order.")
+    prefetch_batches: int = Field(2, ge=0, le=64, description="Batches prepared ahead of the step, per worker: the "
+                                  "feed thread's queue (collate, pinned memory; at least 1) and, when streaming, Ray "
+                                  "Data's prefetch.")
+    shuffle_buffer: int = Field(0, ge=0, le=1_000_000, description="Streaming feed only: rows in each worker's local shuffle buffer; 0 keeps the stream order.")
+    data_in_memory: Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)] = Field(
+        "auto", description="true: read the training split into memory once (one copy per node in Ray's object "
+        "store, shared by its workers) and draw batches from it, in a fresh order every epoch from (seed, epoch), so a "
+        "resumed run continues the interrupted epoch exactly; false: stream it from Ray Data on every pass; 'auto': "
+        "in memory when it is at most data_in_memory_max_mb, else streamed. CPU and GPU alike.")
+    data_in_memory_max_mb: int = Field(1024, ge=1, le=16_777_216, description="Largest training split (MiB in memory) "
+                                       "that data_in_memory: auto keeps in memory.")
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         return self
-
-
-def _auto_or_cpus(v: Any) -> Any:
-    # One clear error instead of pydantic's one-per-union-member.
-    if v == "auto":
-        return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1024:
-        raise ValueError("expected 'auto' or a number of CPUs in (0, 1024]")
-    return float(v)
-
-
-def _auto_or_bool(v: Any) -> Any:
-    if v == "auto" or isinstance(v, bool):
-        return v
-    raise ValueError("expected 'auto', true or false")
 
 
 class ScalingConfig(Section):

@@ -1,6 +1,7 @@
 """Train and evaluate the VQ image tokenizer on Ray Train (the shared loop in ``loop.py``).
 
-``train_image_tokenizer`` streams the ingest output's training split into the workers, runs
+``train_image_tokenizer`` feeds the ingest output's training split to the workers (read into
+memory once when it fits, ``train.data_in_memory``; streamed otherwise), runs
 the generator (and, once ``disc_start`` is reached, the PatchGAN discriminator) steps, logs a
 reconstruction grid of fixed held-out images at each eval, and exports the final model with
 ``save_vq`` to ``<workdir>/models/image_tokenizer/``. ``evaluate_image_tokenizer`` measures
@@ -57,7 +58,15 @@ class ImageTokenizerTask(TrainTask):
             self.loss.discriminator = env.prepare(disc)
         return Trainable(modules=modules, param_groups=groups)
 
-    def train_step(self, batch: dict[str, np.ndarray], env: WorkerEnv, step: int) -> dict[str, float]:
+    def collate(self, batch: dict[str, np.ndarray], env: WorkerEnv, step: int) -> dict[str, torch.Tensor]:
+        # uint8 crosses to the device (a quarter of float32's bytes); the loop pins and copies it ahead.
+        images = batch["image"]
+        if not (images.flags.writeable and images.flags.c_contiguous):  # a view of Arrow's read-only buffer
+            images = np.array(images, order="C")
+        return {"image": torch.from_numpy(images)}
+
+    def train_step(self, batch: dict[str, Any], env: WorkerEnv, step: int) -> dict[str, Any]:
+        # (B, H, W, 3) uint8, on the device when it comes through the loop's feed (numpy also works).
         x = to_model_input(batch["image"]).to(env.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
         with env.autocast():
             out = self.ddp_model(x)
@@ -68,9 +77,12 @@ class ImageTokenizerTask(TrainTask):
                 d_loss, d_logs = self.loss.discriminator_loss(x, out["recon"].detach(), step)
             d_logs["d_grad_norm"] = env.optimizer_step("disc", d_loss)
             logs.update(d_logs)
-        # Over the quantizer's sliding window (not this batch), identical on every rank.
-        logs["usage"] = self.model.codebook_usage()
-        logs["perplexity"] = self.model.codebook_perplexity()
+        # Over the quantizer's sliding window (not this batch), identical on every rank. Reading them
+        # waits for the device, so only on the steps the loop logs (the window's value at that step).
+        done, tc = step + 1, env.train
+        if done % tc.log_every == 0 or done >= tc.steps:
+            logs["usage"] = self.model.codebook_usage()
+            logs["perplexity"] = self.model.codebook_perplexity()
         return logs
 
     def evaluate(self, env: WorkerEnv, batch: dict[str, np.ndarray], step: int) -> EvalResult:
@@ -137,6 +149,45 @@ def _datasets(data: Any, holdout: Any, workdir: Path):
     return train_ds, holdout
 
 
+def images_size_bound(data: Any, resolution: int) -> int | None:
+    """An upper bound of the training split's decoded images in memory, known without decoding any.
+
+    Sample counts come from the shards' img2dataset stats files (``00000_stats.json`` next to
+    ``00000.tar``: ``successes``, else ``count``; ``visgen data synth`` writes them too). A shard
+    without one is bounded by its size: every sample takes at least 1 KiB of a tar (a 512-byte
+    header and one 512-byte data block), so S tar bytes hold at most S / 1024 images. Each image
+    is ``resolution``² × 3 bytes. None when ``data`` is not an ingest section or a shard is not a
+    local file.
+    """
+    from visgen.data.ingest import IngestConfig
+    from visgen.data.sources import expand_source, split_shards
+
+    if not isinstance(data, IngestConfig):
+        return None
+    try:
+        shards = split_shards(expand_source(data.source), data.holdout_shards, "train")
+        samples = sum(_shard_samples(p) for p in shards)
+    except (OSError, ValueError):  # object-store URLs, unreadable paths: no bound
+        return None
+    return samples * resolution * resolution * 3
+
+
+def _shard_samples(path: str) -> int:
+    """Samples in a local shard: from its stats file when it has one, else the 1-KiB-per-sample bound."""
+    import os
+
+    stats = os.path.splitext(path)[0] + "_stats.json"
+    try:
+        with open(stats, encoding="utf-8") as f:
+            info = json.load(f)
+        n = info.get("successes", info.get("count"))
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return n
+    except (OSError, ValueError, AttributeError):
+        pass
+    return os.path.getsize(path) // 1024
+
+
 def _eval_images(train_ds, holdout_ds, n: int, resolution: int) -> np.ndarray:
     rows = holdout_ds.take(n) if holdout_ds is not None else []
     if not rows:
@@ -157,8 +208,9 @@ def train_image_tokenizer(model: VQConfig, train: TrainConfig, scaling: ScalingC
                           crash_at: CrashAt | None = None) -> TokenizerTrainResult:
     """Train the image tokenizer; resume ``run_name`` if it has checkpoints under ``<workdir>/ray_results``.
 
-    ``data`` is the ingest section (its ``train`` split is streamed, ``holdout`` feeds the quick
-    eval) or a ready ``ray.data.Dataset`` with an ``image`` column (then ``holdout`` is optional).
+    ``data`` is the ingest section (its ``train`` split feeds training, in memory or streamed as
+    ``train.data_in_memory`` says; ``holdout`` feeds the quick eval) or a ready
+    ``ray.data.Dataset`` with an ``image`` column (then ``holdout`` is optional).
     ``tracking`` is the ``TrackingConfig`` (None: no MLflow). Returns the exported model directory
     and the final metrics.
     """
@@ -169,6 +221,7 @@ def train_image_tokenizer(model: VQConfig, train: TrainConfig, scaling: ScalingC
     res = fit(ImageTokenizerTask(model), train=train, scaling=scaling, run_name=run_name,
               storage_path=wd / "ray_results", datasets={"train": train_ds}, eval_batch={"image": eval_images},
               tracking=tracking, workdir=wd, export_dir=export_dir, crash_at=crash_at,
+              data_size_hint=images_size_bound(data, model.resolution),
               params={"image_tokenizer.model": model, "image_tokenizer.scaling": scaling, **(params or {})})
     log.info("image tokenizer: %d steps in %.0fs, exported to %s", res.step, res.wall_s, res.export_dir)
     return TokenizerTrainResult(model_dir=res.export_dir, metrics=res.metrics, eval=res.eval, fit=res)
@@ -176,10 +229,13 @@ def train_image_tokenizer(model: VQConfig, train: TrainConfig, scaling: ScalingC
 
 def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str | Path, tracking: Any = None,
                              run_name: str = RUN_NAME, batch_size: int = 64, max_batches: int | None = None,
-                             device: str = "auto") -> dict[str, Any]:
+                             device: str = "auto", geneval_ceiling: bool = False) -> dict[str, Any]:
     """PSNR, SSIM, codebook usage and perplexity of a saved tokenizer on the held-out split.
 
     ``data`` is the ingest section (its ``holdout`` split is read) or a ``ray.data.Dataset``.
+    ``geneval_ceiling`` (shapes data): also GenEval-shapes of the tokenizer's reconstructions of
+    real renders of the benchmark prompts (:func:`visgen.eval.geneval.reconstruction_ceiling`),
+    the most any transformer drawing through this tokenizer can score.
     Writes ``<workdir>/eval/image_tokenizer.json`` and logs ``holdout/*`` metrics and that JSON
     to the MLflow run ``run_name`` (the training run, resumed by name).
     """
@@ -206,6 +262,17 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
         if "before any update" in str(err):
             raise ValueError("the held-out split is empty: nothing to evaluate (check data.ingest's holdout setting)") from None
         raise
+    if geneval_ceiling:
+        from visgen.eval.geneval import reconstruction_ceiling
+        from visgen.eval.judge import load_judge
+
+        def reconstruct(images: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return to_uint8(vq.decode(vq.encode(to_model_input(images).to(dev))))
+
+        ceiling = reconstruction_ceiling(reconstruct, load_judge(), vq.cfg.resolution)
+        metrics["geneval_ceiling"] = ceiling["overall"]
+        metrics.update({f"geneval_ceiling_{t}": v for t, v in ceiling["tasks"].items()})
     result = {**metrics, "model_dir": str(Path(model_dir).resolve()), "fingerprint": vq.fingerprint(),
               "codebook_size": vq.num_codes, "eval_s": round(time.perf_counter() - t0, 2)}
     out = wd / "eval" / "image_tokenizer.json"
@@ -216,9 +283,13 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
 
         progress = read_run_progress(wd / "ray_results" / run_name)
         with Tracker.start(tracking, wd, run_name) as tracker:
-            tracker.log_metrics({f"holdout/{k}": metrics[k] for k in ("psnr", "ssim", "usage", "perplexity")},
+            tracker.log_metrics({f"holdout/{k}": v for k, v in metrics.items()
+                                 if k in ("psnr", "ssim", "usage", "perplexity") or k.startswith("geneval_ceiling")},
                                 step=progress.step if progress else 0)
             tracker.log_dict(result, "eval/image_tokenizer.json")
     log.info("image tokenizer eval on %d held-out images: PSNR %.2f dB, SSIM %.4f, usage %.3f, perplexity %.1f -> %s",
              metrics["n_images"], metrics["psnr"], metrics["ssim"], metrics["usage"], metrics["perplexity"], out)
+    if geneval_ceiling:
+        log.info("image tokenizer: GenEval-shapes of its reconstructions of real renders (the ceiling of any "
+                 "transformer drawing through it) %.3f", metrics["geneval_ceiling"])
     return result

@@ -5,17 +5,21 @@ one of the two sequences: a fixed share ``t2i_ratio`` of the rows (chosen at ran
 become text → image sequences, the rest image → text. A fixed count per batch keeps tensor
 shapes static (what ``torch.compile`` wants) and makes the mix exact. Among the t2i rows a
 share ``cond_dropout`` gets the null prompt, which teaches the unconditional model that
-classifier-free guidance needs.
+classifier-free guidance needs. Image → text rows start their text with the caption's language
+token (``<zh>`` when one of its ids holds part of a CJK ideograph, else ``<en>``: one lookup in
+a table over the text vocabulary, :meth:`TextTokenizer.script_tables`, for the whole batch).
 
 The quick eval (rank 0, every ``eval_every`` steps) logs the held-out loss of both directions,
-greedy captions of fixed held-out images with their slot accuracy, and a grid of images drawn
-for those images' captions under their VQ reconstructions; the captions go to MLflow as JSON.
+greedy captions of fixed held-out images, each asked for in its reference caption's language,
+with their slot accuracy (overall and per language), and a grid of images drawn for those
+images' captions under their VQ reconstructions; the captions go to MLflow as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +29,7 @@ import torch
 from pydantic import Field
 
 from visgen.config import Section
-from visgen.models.gpt import GPTConfig, Layout, VisGPT, save_gpt
+from visgen.models.gpt import EN, LM_FORMAT, PAD, ZH, GPTConfig, Layout, VisGPT, save_gpt
 from visgen.pipeline import SamplingConfig
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit
@@ -45,14 +49,42 @@ class LMRecipe(Section):
     eval_images: int = Field(8, ge=0, le=64, description="Held-out captions drawn as images in each quick eval's grid.")
 
 
+def padded_ids(text_ids: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-length id rows → ``(ids (B, width) int64 padded with <pad> and cut to width, lengths (B,))``,
+    without a Python loop over the ids."""
+    rows = list(text_ids)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    out = np.full((len(rows), width), PAD, dtype=np.int64)
+    total = int(lengths.sum())
+    if total:
+        flat = np.concatenate([np.asarray(r, dtype=np.int64).reshape(-1) for r in rows])
+        row = np.repeat(np.arange(len(rows)), lengths)
+        col = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = col < width
+        out[row[keep], col[keep]] = flat[keep]
+    return out, lengths
+
+
 def assemble(text_ids: Sequence[Sequence[int]], image_ids: np.ndarray | torch.Tensor, layout: Layout,
-             n_t2i: int, null: Sequence[bool] | None = None) -> torch.Tensor:
-    """Rows ``[:n_t2i]`` as t2i sequences (``null[i]``: null prompt), the rest as i2t → (B, L) long."""
+             n_t2i: int, null: Sequence[bool] | None = None, cjk: np.ndarray | None = None) -> torch.Tensor:
+    """Rows ``[:n_t2i]`` as t2i sequences (``null[i]``: null prompt), the rest as i2t → (B, L) long.
+
+    i2t rows start their text with the caption's language token: ``<zh>`` when any of its ids is
+    True in ``cjk`` (a bool table over the text ids, ``TextTokenizer.script_tables(text_vocab)["cjk"]``),
+    else ``<en>``; without a table every caption counts as English.
+    """
     image = torch.as_tensor(np.asarray(image_ids), dtype=torch.long)
-    null = list(null) if null is not None else [False] * n_t2i
-    regions = [layout.text_region(None if i < n_t2i and null[i] else t) for i, t in enumerate(text_ids)]
-    text = torch.tensor(regions, dtype=torch.long)
-    return torch.cat([layout.t2i(text[:n_t2i], image[:n_t2i]), layout.i2t(image[n_t2i:], text[n_t2i:])])
+    ids, lengths = padded_ids(text_ids, layout.text_slots - 1)
+    b = len(lengths)
+    null_rows = np.zeros(b, dtype=bool)
+    if null is not None:
+        null_rows[:n_t2i] = np.asarray(null, dtype=bool)[:n_t2i]
+    ids_t, len_t = torch.from_numpy(ids), torch.from_numpy(lengths)
+    t2i = layout.text_regions(ids_t[:n_t2i], len_t[:n_t2i], null=torch.from_numpy(null_rows[:n_t2i]))
+    zh = np.take(cjk, ids[n_t2i:], mode="clip").any(-1) if cjk is not None else np.zeros(b - n_t2i, dtype=bool)
+    lang = torch.from_numpy(np.where(zh, ZH, EN).astype(np.int64))
+    i2t = layout.text_regions(ids_t[n_t2i:], len_t[n_t2i:], lang=lang)
+    return torch.cat([layout.t2i(t2i, image[:n_t2i]), layout.i2t(image[n_t2i:], i2t)])
 
 
 def _image_matrix(column: Any) -> np.ndarray:
@@ -75,8 +107,18 @@ class LMTask(TrainTask):
         self.image_tokenizer_dir, self.text_tokenizer = image_tokenizer_dir, text_tokenizer
         self.init_from = init_from
         self._vq = self._tok = None
+        self.cjk: np.ndarray | None = None  # text ids that mark a Chinese caption (see assemble)
+
+    def _language_table(self) -> np.ndarray | None:
+        if self.cjk is None and self.text_tokenizer:
+            from visgen.text.tokenizer import TextTokenizer
+
+            self.cjk = TextTokenizer.load(self.text_tokenizer).script_tables(self.cfg.text_vocab)["cjk"]
+        return self.cjk
 
     def setup(self, env: WorkerEnv) -> Trainable:
+        if self._language_table() is None:
+            log.warning("no text tokenizer given: every image -> text row is trained as an English caption (<en>)")
         self.model = VisGPT(self.cfg).to(env.device)
         if self.init_from:  # continue from a trained model; a checkpoint of this run, if any, overrides it
             from visgen.models.gpt import load_gpt
@@ -93,19 +135,27 @@ class LMTask(TrainTask):
         return Trainable(modules={"model": self.model},
                          param_groups={"model": decay_groups(self.model, env.train.weight_decay)})
 
-    def train_step(self, batch: dict[str, np.ndarray], env: WorkerEnv, step: int) -> dict[str, float]:
-        text, image = list(batch["text_ids"]), _image_matrix(batch["image_ids"])
+    def collate(self, batch: dict[str, np.ndarray], env: WorkerEnv, step: int) -> dict[str, Any]:
+        """The step's token sequences, built on the host in the loop's feed thread, ahead of the step."""
+        text, image = batch["text_ids"], _image_matrix(batch["image_ids"])
         b = len(text)
         # Seeded by (seed, rank, step): a resumed run draws the same mix for the same step.
         rng = np.random.default_rng([env.train.seed, env.rank, step])
         order = rng.permutation(b)
         n_t2i = int(round(self.recipe.t2i_ratio * b))
         null = rng.random(n_t2i) < self.recipe.cond_dropout
-        tokens = assemble([text[i] for i in order], image[order], self.model.layout, n_t2i, null)
+        tokens = assemble([text[i] for i in order], image[order], self.model.layout, n_t2i, null, self.cjk)
+        return {"tokens": tokens, "n_t2i": n_t2i}
+
+    def train_step(self, batch: dict[str, Any], env: WorkerEnv, step: int) -> dict[str, torch.Tensor]:
+        if "tokens" not in batch:  # a raw numpy batch (called outside the loop's feed)
+            batch = self.collate(batch, env, step)
+        tokens = batch["tokens"].to(env.device, non_blocking=True)  # already there when the loop fed it
         with env.autocast():
-            loss, parts = self.forward(tokens.to(env.device, non_blocking=True), n_t2i, self.recipe.z_loss)
-        logs = {k: float(v) for k, v in parts.items()}
-        logs["loss"] = float(loss.detach())
+            loss, parts = self.forward(tokens, batch["n_t2i"], self.recipe.z_loss)
+        # Tensors, read by the loop only at log_every: no host sync per step.
+        logs: dict[str, torch.Tensor] = dict(parts)
+        logs["loss"] = loss.detach()
         logs["grad_norm"] = env.optimizer_step("model", loss)
         return logs
 
@@ -121,14 +171,16 @@ class LMTask(TrainTask):
         return self._vq, self._tok
 
     def evaluate(self, env: WorkerEnv, batch: dict[str, np.ndarray], step: int) -> EvalResult:
-        from visgen.data.captions import slot_accuracy
+        from visgen.data.captions import detect_language, slot_accuracy
         from visgen.eval.captions import parse
+        from visgen.pipeline import caption_codes
 
         m, lay = self.model, self.model.layout
         text, image = list(batch["text_ids"]), _image_matrix(batch["image_ids"])
         n = len(text)
-        _, t2i = m.loss(assemble(text, image, lay, n).to(env.device), n)
-        _, i2t = m.loss(assemble(text, image, lay, 0).to(env.device), 0)
+        cjk = self._language_table()
+        _, t2i = m.loss(assemble(text, image, lay, n, cjk=cjk).to(env.device), n)
+        _, i2t = m.loss(assemble(text, image, lay, 0, cjk=cjk).to(env.device), 0)
         metrics = {"t2i_loss": float(t2i["t2i_loss"]), "i2t_loss": float(i2t["i2t_loss"])}
         vq, tok = self._parts(env)
         codes = torch.as_tensor(image, device=env.device)
@@ -137,11 +189,15 @@ class LMTask(TrainTask):
         images: dict[str, np.ndarray] = {}
         try:
             if tok is not None:
-                captions = [tok.decode(ids) for ids in m.generate_text(codes, seeds)]
                 truth = [str(c) for c in batch["caption"]]
-                metrics["caption_slot_accuracy"] = float(np.mean(
-                    [slot_accuracy(parse(p)[0], parse(t)[0]) for p, t in zip(captions, truth)]))
-                texts["captions"] = [{"truth": t, "generated": p} for t, p in zip(truth, captions)]
+                langs = [detect_language(t) for t in truth]  # ask in the reference caption's language
+                captions = caption_codes(m, tok, codes, seeds, langs)
+                scores = np.array([slot_accuracy(parse(p)[0], parse(t)[0]) for p, t in zip(captions, truth)])
+                metrics["caption_slot_accuracy"] = float(scores.mean())
+                for lang in sorted(set(langs)):
+                    metrics[f"caption_slot_accuracy_{lang}"] = float(scores[np.array(langs) == lang].mean())
+                texts["captions"] = [{"truth": t, "language": lang, "generated": p}
+                                     for t, lang, p in zip(truth, langs, captions)]
             k = min(self.recipe.eval_images, n)
             if vq is not None and k:
                 from visgen.models.vq import to_uint8
@@ -195,6 +251,39 @@ def _eval_batch(cache_dir: Path, n: int) -> dict[str, np.ndarray]:
             "caption": np.array([str(r["caption"]) for r in rows], dtype=object)}
 
 
+RUN_INPUTS = "lm_inputs.json"  # in the run's checkpoint directory: what its token ids mean
+
+
+def retire_stale_run(run_dir: Path, inputs: dict) -> Path | None:
+    """Keep a run's checkpoints only while they mean the same tokens: when ``run_dir`` holds
+    checkpoints made for other inputs (another text or image tokenizer, an older layout — or
+    checkpoints without a record, from before the record existed), move the run aside
+    (``<run>.stale-<time>``, returned) so that training starts afresh instead of resuming weights
+    whose token ids mean something else. Records ``inputs`` for the run either way."""
+    from visgen.train.checkpoint import latest_checkpoint
+
+    record = run_dir / RUN_INPUTS
+    aside = None
+    if latest_checkpoint(run_dir) is not None:
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old != inputs:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = run_dir.with_name(f"{run_dir.name}.stale-{stamp}")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = run_dir.with_name(f"{run_dir.name}.stale-{stamp}-{n}")
+            run_dir.rename(aside)
+            log.warning("the checkpoints in %s were trained for other inputs (%s, now %s): moved to %s; "
+                        "training starts afresh", run_dir, old, inputs, aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(inputs, indent=1), encoding="utf-8")
+    return aside
+
+
 def check_compatible(model: GPTConfig, image_tokenizer_dir: str | Path, text_tokenizer: str | Path) -> str:
     """The LM config fits the trained tokenizers (codebook, grid, vocabulary); returns the VQ fingerprint."""
     from visgen.models.vq import CONFIG_FILE
@@ -224,9 +313,12 @@ def train_lm(model: GPTConfig, recipe: LMRecipe, train: TrainConfig, scaling: Sc
     fingerprint is checked). Exports ``save_gpt`` to ``<workdir>/models/lm``.
     """
     from visgen.data.token_cache import read_token_cache
+    from visgen.text.tokenizer import TextTokenizer
 
     wd = Path(workdir).expanduser().resolve()
     fingerprint = check_compatible(model, image_tokenizer_dir, text_tokenizer)
+    retire_stale_run(wd / "ray_results" / run_name, {"format": LM_FORMAT, "image_tokenizer": fingerprint,
+                                                      "text_tokenizer": TextTokenizer.load(text_tokenizer).fingerprint()})
     train_ds = read_token_cache(cache_dir, "train", expect_fingerprint=fingerprint)
     eval_batch = _eval_batch(Path(cache_dir), train.eval_samples)
     task = LMTask(model, recipe, sampling or SamplingConfig(), str(image_tokenizer_dir), str(text_tokenizer),

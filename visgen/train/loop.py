@@ -4,8 +4,13 @@ A model family plugs in as a :class:`TrainTask` (build modules, one optimisation
 batch, a quick eval, an export); :func:`fit` does the rest, the same way for all of them:
 
 * sizes the worker group from the cluster and fails fast when it cannot fit (``scaling.py``);
-* runs ``TorchTrainer`` with the training split as a Ray Data stream (split evenly over
-  workers), DDP on gloo (CPU) or NCCL (GPU), bf16 autocast on GPU;
+* feeds the training split (``Feed``): read into memory once when it fits
+  (``train.data_in_memory``; one copy per node in the object store, a fresh permutation every
+  epoch from the seed) or streamed from Ray Data (split evenly over workers); a background
+  thread runs the task's ``collate`` and pins the tensors, and the copy to the device starts
+  one step ahead on a side stream; task logs stay tensors until ``log_every``, so no step
+  waits for the device;
+* runs ``TorchTrainer``: DDP on gloo (CPU) or NCCL (GPU), bf16 autocast on GPU;
 * every ``log_every`` steps logs step, losses (averaged over the interval and the workers),
   lr, images/s and ETA on rank 0, to the log and to MLflow (``Tracker``; Ray's MLflow
   callback does not work with Train V2);
@@ -21,7 +26,9 @@ batch, a quick eval, an export); :func:`fit` does the rest, the same way for all
 persist local-mode checkpoints, so there the loop writes them to the same
 ``<storage_path>/<run_name>/checkpoint_<step>`` layout itself, and resumes from it.
 
-The data stream is not seekable: a resumed run starts a fresh pass over the training split
+In memory, the order of an epoch is a function of (seed, epoch) and checkpoints record the
+batch reached, so a resumed run continues the interrupted epoch exactly where it stopped. The
+stream is not seekable: there a resumed run starts a fresh pass over the training split
 (``Progress.epoch`` counts completed passes), so the samples an interrupted pass had already
 delivered are seen once more.
 """
@@ -37,7 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +100,26 @@ class TrainTask:
         """Build the modules on ``env.device``; wrap the ones trained with DDP through ``env.prepare``."""
         raise NotImplementedError
 
-    def train_step(self, batch: dict[str, np.ndarray], env: "WorkerEnv", step: int) -> dict[str, float]:
-        """One optimisation step on this worker's share of the batch, through ``env.optimizer_step``.
+    def collate(self, batch: dict[str, np.ndarray], env: "WorkerEnv", step: int) -> Mapping[str, Any]:
+        """Feed side: turn the numpy batch of step ``step`` into what :meth:`train_step` takes.
 
-        Forward passes run under ``env.autocast()``. Returns float logs; every rank must return
-        the same keys (they are averaged over workers). ``step`` counts completed steps.
+        Runs in the loop's feed thread, ahead of the step (up to ``prefetch_batches`` batches).
+        Torch tensors in the returned mapping (CPU tensors) are pinned and copied to
+        ``env.device`` by the loop, on a side stream one step ahead, so :meth:`train_step`
+        receives them on the device; other values pass through. It must not touch the modules,
+        the optimisers or the global RNGs (draw from a generator seeded by seed, rank and step).
+        Default: the batch unchanged (``train_step`` then gets numpy arrays and moves them itself).
+        """
+        return batch
+
+    def train_step(self, batch: Mapping[str, Any], env: "WorkerEnv", step: int) -> Mapping[str, Any]:
+        """One optimisation step on this worker's share of the batch (as :meth:`collate` made it),
+        through ``env.optimizer_step``.
+
+        Forward passes run under ``env.autocast()``. Returns logs, each a float or a 0-dim tensor;
+        return tensors (detached), not floats: the loop converts them only when it logs
+        (``log_every``), so the step never waits for the device. Every rank must return the same
+        keys (they are averaged over workers). ``step`` counts completed steps.
         """
         raise NotImplementedError
 
@@ -209,8 +231,9 @@ class WorkerEnv:
                 group["initial_lr"], group["lr"] = peak, peak * factor
             sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
-    def optimizer_step(self, name: str, loss: torch.Tensor) -> float:
-        """Zero this optimiser's grads, backprop ``loss``, clip, step. Returns the pre-clip grad norm.
+    def optimizer_step(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """Zero this optimiser's grads, backprop ``loss``, clip, step. Returns the pre-clip grad norm
+        as a 0-dim tensor (on the device: reading it would wait for the step; the loop logs it).
 
         Zeroing first (not after) drops gradients another loss left on these parameters, e.g.
         the generator loss backpropagating through a GAN discriminator.
@@ -222,7 +245,7 @@ class WorkerEnv:
         clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
         opt.step()
-        return float(norm)
+        return norm.detach()
 
     def step_schedulers(self) -> None:
         # Once per global step for every optimiser, so each lr is a function of the step alone even
@@ -245,6 +268,326 @@ class WorkerEnv:
                          device=self.device)
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The feed: training split -> numpy batches -> task.collate -> pinned memory -> the device
+# ---------------------------------------------------------------------------------------------
+class InMemoryData:
+    """A training split held in host memory as numpy columns, and the batches drawn from it.
+
+    Columns are kept in three forms: *dense* (one array, rows along axis 0: images, scalars),
+    *ragged* (a 1-D list column such as token ids: one values array plus row offsets) and
+    *objects* (anything else, e.g. strings). Dense and ragged columns are plain numpy arrays, so
+    ``ray.put`` stores them once per node and every worker there maps them without a copy.
+
+    :meth:`take` returns rows in Ray Data's own numpy batch format (what ``iter_batches(
+    batch_format="numpy")`` gives for the same columns: a ragged column is an object array of
+    1-D arrays), so a task sees the same batches from either feed.
+    """
+
+    def __init__(self, num_rows: int, dense: dict[str, np.ndarray] | None = None,
+                 ragged: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 objects: dict[str, np.ndarray] | None = None, order: tuple[str, ...] = ()):
+        self.num_rows = num_rows
+        self.dense, self.ragged, self.objects = dense or {}, ragged or {}, objects or {}
+        self.order = order or (*self.dense, *self.ragged, *self.objects)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.order
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(a.nbytes for a in self.dense.values())
+        n += sum(v.nbytes + o.nbytes for v, o in self.ragged.values())
+        return n + sum(_object_nbytes(a) for a in self.objects.values())
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[Mapping[str, np.ndarray]],
+                     limit_bytes: int | None = None) -> "InMemoryData | None":
+        """Concatenate numpy batches (Ray Data's format); None as soon as they exceed ``limit_bytes``."""
+        parts: dict[str, list[np.ndarray]] = {}
+        order: tuple[str, ...] = ()
+        total = rows = 0
+        for batch in batches:
+            if not order:
+                order = tuple(batch)
+            elif tuple(batch) != order:
+                raise ValueError(f"the training split's batches disagree on their columns: {order} vs {tuple(batch)}")
+            n = len(next(iter(batch.values()))) if batch else 0
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(np.asarray(v))
+                total += _column_nbytes(np.asarray(v))
+            rows += n
+            if limit_bytes is not None and total > limit_bytes:
+                return None
+        dense, ragged, objects = {}, {}, {}
+        for k in order:
+            kind, value = _stack_column(parts[k], rows)
+            {"dense": dense, "ragged": ragged, "objects": objects}[kind][k] = value
+        return cls(rows, dense, ragged, objects, order)
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``idx`` (in that order) as a numpy batch."""
+        out: dict[str, np.ndarray] = {}
+        for k in self.order:
+            if k in self.dense:
+                out[k] = self.dense[k][idx]
+            elif k in self.ragged:
+                values, offsets = self.ragged[k]
+                col = np.empty(len(idx), dtype=object)
+                starts, ends = offsets[idx], offsets[np.asarray(idx) + 1]
+                for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+                    col[i] = values[a:b]
+                out[k] = col
+            else:
+                out[k] = self.objects[k][idx]
+        return out
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        """The permutation of the rows for ``epoch``: a function of (seed, epoch) only, the same on every rank."""
+        return np.random.default_rng([seed, 0x5EED, epoch]).permutation(self.num_rows)
+
+    def batches_per_epoch(self, global_batch: int) -> int:
+        return self.num_rows // global_batch  # drop_last: every rank takes the same number of steps
+
+    def iter_epoch(self, epoch: int, *, seed: int, global_batch: int, rank: int = 0, world_size: int = 1,
+                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's batches of ``epoch`` from batch ``start`` on.
+
+        Global batch ``b`` is rows ``order[b*B:(b+1)*B]`` of the epoch's permutation; rank ``r``
+        takes its ``r``-th slice of ``B / world_size`` rows. The global batches therefore do not
+        depend on the worker count, and a resumed run can continue an epoch where it stopped.
+        """
+        per = global_batch // world_size
+        order = self.epoch_order(seed, epoch)
+        for b in range(start, self.batches_per_epoch(global_batch)):
+            lo = b * global_batch + rank * per
+            yield self.take(order[lo:lo + per])
+
+
+def _object_nbytes(a: np.ndarray) -> int:
+    return int(sum(x.nbytes if isinstance(x, np.ndarray) else sys.getsizeof(x) for x in a.ravel()))
+
+
+def _column_nbytes(a: np.ndarray) -> int:
+    return _object_nbytes(a) + 8 * a.size if a.dtype == object else a.nbytes
+
+
+def _stack_column(parts: list[np.ndarray], rows: int) -> tuple[str, Any]:
+    """Concatenate one column's batch arrays: ('dense', array), ('ragged', (values, offsets)) or ('objects', array)."""
+    if all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) <= 1:
+        return "dense", (np.concatenate(parts) if parts else np.empty(0))  # promotes e.g. <U5 + <U7
+    cells = [x for p in parts for x in p]  # rows (one Python object each: the ragged / mixed case)
+    if cells and all(isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype != object for x in cells) \
+            and len({x.dtype for x in cells}) == 1:
+        offsets = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in cells], out=offsets[1:])
+        return "ragged", (np.concatenate(cells), offsets)
+    col = np.empty(rows, dtype=object)
+    col[:] = cells if rows else []
+    return "objects", col
+
+
+def read_in_memory(ds: Any, limit_bytes: int | None = None) -> InMemoryData | None:
+    """Read a Ray Dataset into an :class:`InMemoryData` (one pass, whole blocks, in the dataset's
+    order, so that row ``i`` is the same row on every run); None when it turns out larger than
+    ``limit_bytes`` (the read stops there)."""
+    options = ds.context.execution_options if hasattr(ds, "context") else None
+    keep = options.preserve_order if options is not None else None
+    if options is not None:
+        options.preserve_order = True  # parallel reads would otherwise deliver blocks in any order
+    try:
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+        data = InMemoryData.from_batches(batches, limit_bytes)
+        if hasattr(batches, "close"):
+            batches.close()  # stops the executor when the read stopped early
+    finally:
+        if options is not None:
+            options.preserve_order = keep
+    return data
+
+
+def resolve_in_memory(ds: Any, train: TrainConfig, size_hint: int | None = None) -> tuple[InMemoryData | None, str]:
+    """Apply ``train.data_in_memory`` to the training split: ``(data or None, why)``.
+
+    ``size_hint``: an estimate of the split's size in memory (bytes) known without reading it;
+    under ``auto`` a hint above the limit streams without reading anything. Otherwise ``auto``
+    reads up to ``data_in_memory_max_mb`` and falls back to streaming if the split is larger.
+    """
+    mode = train.data_in_memory
+    limit = train.data_in_memory_max_mb * 2**20
+    if mode is False:
+        return None, "data_in_memory=false"
+    if mode == "auto" and size_hint is not None and size_hint > limit:
+        return None, (f"data_in_memory=auto: the split is estimated at {size_hint / 2**20:.0f} MiB, over "
+                      f"data_in_memory_max_mb={train.data_in_memory_max_mb}")
+    t0 = time.perf_counter()
+    data = read_in_memory(ds, None if mode is True else limit)
+    if data is None:
+        return None, (f"data_in_memory=auto: the split is over data_in_memory_max_mb={train.data_in_memory_max_mb} "
+                      f"(stopped reading after {time.perf_counter() - t0:.1f} s)")
+    return data, (f"data_in_memory={str(mode).lower()}: {data.num_rows} rows, {data.nbytes / 2**20:.1f} MiB, read in "
+                  f"{time.perf_counter() - t0:.1f} s")
+
+
+@dataclass
+class FeedItem:
+    """One batch for step ``step``: ``index`` counts the batches of epoch ``epoch`` (from 0)."""
+
+    step: int
+    epoch: int
+    index: int
+    batch: Mapping[str, Any]
+
+
+@dataclass
+class EpochEnd:
+    """Epoch ``epoch`` ran to its end after ``batches`` batches (resumed epochs count from where they started)."""
+
+    epoch: int
+    batches: int
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+class Feed:
+    """Batches for the training steps, prepared in a background thread and copied to the device ahead.
+
+    The thread pulls numpy batches from ``epochs(epoch, start)`` (an iterator of the epoch's
+    batches from batch ``start``; one epoch after another from ``start_epoch``), runs
+    ``task.collate`` for the step each one will train, pins the tensors it returns (CUDA) and
+    queues up to ``depth`` of them. The training thread takes them in order; on CUDA it starts
+    the copy of the next batch to the device (non-blocking, on a side stream) before handing out
+    the current one, so the copy overlaps the step. The thread stops after ``steps`` batches.
+
+    Iterating yields :class:`FeedItem` and, after a full epoch, :class:`EpochEnd`. ``close()``
+    (also on exit of ``with``) stops the thread; an exception in it is re-raised in the training
+    thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, task: TrainTask, env: WorkerEnv, epochs, *, start_step: int, steps: int,
+                 start_epoch: int = 0, start_index: int = 0, depth: int = 2):
+        import queue
+        import threading
+
+        self.task, self.env, self.epochs = task, env, epochs
+        self.start_step, self.steps = start_step, steps
+        self.start_epoch, self.start_index = start_epoch, start_index
+        self.cuda = env.device.type == "cuda"
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="visgen-feed", daemon=True)
+        self._stream = torch.cuda.Stream(env.device) if self.cuda else None
+        self._thread.start()
+
+    # -- feed thread -----------------------------------------------------------------------
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            if self.cuda and self.env.device.index is not None:
+                torch.cuda.set_device(self.env.device)  # pinned memory and copies for the worker's own GPU
+            step, end, epoch, start = self.start_step, self.start_step + self.steps, self.start_epoch, self.start_index
+            while step < end:
+                n = start
+                it = self.epochs(epoch, start)
+                try:
+                    for batch in it:
+                        prepared = self.task.collate(batch, self.env, step)
+                        if self.cuda:
+                            prepared = _map_tensors(prepared, lambda t: t if t.is_cuda else t.pin_memory())
+                        if not self._put(FeedItem(step, epoch, n, prepared)):
+                            return
+                        step, n = step + 1, n + 1
+                        if step >= end or self._stop.is_set():
+                            break
+                    else:
+                        if not self._put(EpochEnd(epoch, n - start)):
+                            return
+                        if n == start:
+                            return  # an empty pass: the training thread raises; do not spin on it
+                        epoch, start = epoch + 1, 0
+                finally:
+                    if hasattr(it, "close"):
+                        it.close()
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread
+            self._put(err)
+        finally:
+            self._put(self._DONE)
+
+    # -- training thread -------------------------------------------------------------------
+    def _get(self, block: bool = True) -> Any:
+        item = self._queue.get(block=block)
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def _to_device(self, item: Any) -> Any:
+        if not isinstance(item, FeedItem) or not self.cuda:
+            return item
+        with torch.cuda.stream(self._stream):
+            batch = _map_tensors(item.batch, lambda t: t.to(self.env.device, non_blocking=True))
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        return item, batch, ready
+
+    def _hand_out(self, staged: Any) -> Any:
+        if not isinstance(staged, tuple):
+            return staged
+        item, batch, ready = staged
+        current = torch.cuda.current_stream(self.env.device)
+        current.wait_event(ready)
+        # The tensors were allocated on the side stream: tell the allocator the step uses them.
+        _map_tensors(batch, lambda t: t.record_stream(current))
+        return FeedItem(item.step, item.epoch, item.index, batch)
+
+    def __iter__(self) -> Iterator[FeedItem | EpochEnd]:
+        import queue
+
+        staged = self._to_device(self._get())
+        while staged is not self._DONE:
+            try:  # the next batch, when the thread has it ready, starts its copy before this step runs
+                ahead = self._to_device(self._get(block=False))
+            except queue.Empty:
+                ahead = None
+            except Exception as err:  # noqa: BLE001 - the thread's error: raised once this batch has trained
+                ahead = err
+            yield self._hand_out(staged)
+            if isinstance(ahead, Exception):
+                raise ahead
+            staged = ahead if ahead is not None else self._to_device(self._get())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Feed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +619,17 @@ class FitResult:
 def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name: str, storage_path: str | Path,
         datasets: Mapping[str, Any], eval_batch: Mapping[str, np.ndarray] | None = None,
         tracking: Any = None, workdir: str | Path | None = None, params: Mapping[str, Any] | None = None,
-        export_dir: str | Path | None = None, crash_at: CrashAt | None = None) -> FitResult:
+        export_dir: str | Path | None = None, crash_at: CrashAt | None = None,
+        data_size_hint: int | None = None) -> FitResult:
     """Train ``task`` on ``datasets["train"]`` with Ray Train; resume ``run_name`` if it has checkpoints.
 
     Checkpoints go to ``<storage_path>/<run_name>/`` (a local or shared-filesystem path).
     ``eval_batch`` is the fixed held-out batch of the quick eval (rank 0). ``tracking`` is a
     ``TrackingConfig`` (None = no MLflow; needs ``workdir``); ``params`` are logged as MLflow
     params (flattened); ``export_dir`` receives ``task.export`` at the end. ``crash_at`` is a
-    test hook. Raises ``InsufficientResourcesError`` at once when the workers cannot fit.
+    test hook. ``data_size_hint``: an estimate of the training split's bytes in memory, known
+    without reading it (see :func:`resolve_in_memory`). Raises ``InsufficientResourcesError`` at
+    once when the workers cannot fit.
     """
     import ray
     import ray.train
@@ -312,7 +658,19 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
         log.info("scaling: %s", note)
 
     ds = {k: (v.select_columns(list(task.columns)) if task.columns and k == "train" else v) for k, v in datasets.items()}
+    # The training split in memory (train.data_in_memory): read here once, put in the object
+    # store once, mapped by every worker of a node without a copy; else streamed to the workers.
+    in_memory, why = resolve_in_memory(ds["train"], train, data_size_hint)
+    if in_memory is not None:
+        log.info("feed: the training split is in memory (%s); batches reshuffled every epoch with seed %d",
+                 why, train.seed)
+        in_memory_ref = ray.put(in_memory)
+        del in_memory, ds["train"]
+    else:
+        log.info("feed: streaming the training split from Ray Data (%s)", why)
+        in_memory_ref = None
     loop_config = dict(task=task, train=train, resources=resources, run_name=run_name, run_dir=str(run_dir),
+                       train_in_memory=in_memory_ref,
                        eval_batch=dict(eval_batch) if eval_batch is not None else None, tracking=tracking,
                        workdir=str(workdir) if workdir is not None else None, params=dict(params or {}),
                        export_dir=str(export_dir) if export_dir is not None else None, crash_at=crash_at)
@@ -327,7 +685,7 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
         datasets=ds,
         # Only the training stream is split over workers; any other dataset reaches every
         # worker whole (ray.train.get_dataset_shard(name) in task code).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if "train" in ds else []),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -399,11 +757,11 @@ def _train_worker_body(config: dict, ctx) -> dict:
     trainable = task.setup(env)
     env.build_optimizers(trainable.param_groups)
     seed_everything(tc.seed + rank)
-    progress, resumed_from, unmanaged = _maybe_resume(env, trainable, run_dir, tc, resources.local_mode)
+    progress, resumed_from, unmanaged, feed_state = _maybe_resume(env, trainable, run_dir, tc, resources.local_mode)
 
     tracker = _start_tracker(config, rank)
     try:
-        summary = _run_steps(config, task, env, trainable, progress, tracker, run_dir, unmanaged)
+        summary = _run_steps(config, task, env, trainable, progress, tracker, run_dir, unmanaged, feed_state)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -413,12 +771,13 @@ def _train_worker_body(config: dict, ctx) -> dict:
 
 
 def _maybe_resume(env: WorkerEnv, trainable: Trainable, run_dir: Path, tc: TrainConfig,
-                  local_mode: bool) -> tuple[Progress, int | None, Path | None]:
+                  local_mode: bool) -> tuple[Progress, int | None, Path | None, dict | None]:
     """Load the newest checkpoint of the run, if any.
 
-    Returns ``(progress, step resumed from or None, unmanaged)``; ``unmanaged`` is the loaded
+    Returns ``(progress, step resumed from or None, unmanaged, feed)``; ``unmanaged`` is the loaded
     checkpoint when Ray never registered it (second case below), so that the loop deletes it
-    once newer ones replace it (Ray's ``num_to_keep`` only deletes what it registered).
+    once newer ones replace it (Ray's ``num_to_keep`` only deletes what it registered); ``feed``
+    is the feed's position saved with it (``{}`` when it has none; None without a checkpoint).
 
     Candidates: the checkpoint Ray hands back (``get_checkpoint``) and the newest complete one
     in the run directory. The second matters in two cases: local mode, where Ray keeps none;
@@ -439,9 +798,10 @@ def _maybe_resume(env: WorkerEnv, trainable: Trainable, run_dir: Path, tc: Train
                             "resuming from it", directory.name if directory else "no checkpoint", on_disk.name)
             directory = on_disk
         if directory is None:
-            return Progress(), None, None
+            return Progress(), None, None, None
         progress, rng_ok = load_checkpoint(directory, modules=trainable.modules, optimizers=env.optimizers,
                                            schedulers=env.schedulers, rank=env.rank)
+        feed = dict((read_progress(directory)[1].get("meta") or {}).get("feed") or {})
     env.reapply_schedule()
     if not rng_ok:  # no RNG state for this rank (more workers than at save time): a fresh, deterministic one
         seed_everything(tc.seed + env.rank + 1_000_003 * progress.step)
@@ -449,7 +809,7 @@ def _maybe_resume(env: WorkerEnv, trainable: Trainable, run_dir: Path, tc: Train
         log.info("resumed from %s: step %d, epoch %d, %d samples seen", directory.name, progress.step,
                  progress.epoch, progress.samples_seen)
     # Ray prunes only what it registered; in local mode the loop prunes every checkpoint itself.
-    return progress, progress.step, (directory if from_disk and not local_mode else None)
+    return progress, progress.step, (directory if from_disk and not local_mode else None), feed
 
 
 def _start_tracker(config: dict, rank: int):
@@ -466,14 +826,11 @@ def _start_tracker(config: dict, rank: int):
 
 
 def _run_steps(config: dict, task: TrainTask, env: WorkerEnv, trainable: Trainable, progress: Progress,
-               tracker, run_dir: Path, unmanaged: Path | None) -> dict:
-    import ray.train
-
+               tracker, run_dir: Path, unmanaged: Path | None, feed_state: Mapping[str, Any] | None = None) -> dict:
     tc: TrainConfig = config["train"]
     resources: WorkerResources = config["resources"]
     crash: CrashAt | None = config["crash_at"]
     per_worker = tc.batch_size // env.world_size
-    shard = ray.train.get_dataset_shard("train")
     meter = _Meter(tc, env, progress.step, task.log_keys)
     last_metrics: dict[str, float] = {}
     last_ckpt: Path | None = None
@@ -483,15 +840,23 @@ def _run_steps(config: dict, task: TrainTask, env: WorkerEnv, trainable: Trainab
 
     if progress.step >= tc.steps and env.is_rank0:
         log.info("run already at step %d of %d: nothing to train", progress.step, tc.steps)
-    while progress.step < tc.steps:
-        batches = 0
-        for batch in _iter_batches(shard, per_worker, tc, env.rank, progress.epoch):
-            logs = task.train_step(batch, env, progress.step)
-            env.step_schedulers()
-            batches += 1
+    epochs, start_index, identity = _epoch_source(config, env, progress, feed_state)
+    position = {**identity, "epoch": progress.epoch, "index": start_index}  # saved in checkpoints
+    with Feed(task, env, epochs, start_step=progress.step, steps=max(0, tc.steps - progress.step),
+              start_epoch=progress.epoch, start_index=start_index, depth=tc.prefetch_batches) as feed:
+        for item in feed:
+            if isinstance(item, EpochEnd):
+                if item.batches == 0:
+                    raise RuntimeError(f"the training split gave worker {env.rank} no batch of {per_worker} rows: it "
+                                       f"has fewer than batch_size={tc.batch_size} rows in all; add data or lower "
+                                       "train.batch_size")
+                progress.epoch += 1  # the pass ran to its end
+                position.update(epoch=progress.epoch, index=0)
+                continue
+            run_step(task, env, item.batch, progress.step, meter)
             progress.step += 1
             progress.samples_seen += tc.batch_size
-            meter.add(logs)
+            position.update(epoch=item.epoch, index=item.index + 1)
             step = progress.step
             if crash is not None and step == crash.step and env.rank == crash.rank and not os.path.exists(crash.marker):
                 Path(crash.marker).write_text(f"crashed rank {env.rank} after step {step}\n")
@@ -504,17 +869,13 @@ def _run_steps(config: dict, task: TrainTask, env: WorkerEnv, trainable: Trainab
                     _quick_eval(config, task, env, trainable, step, tracker)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 with meter.paused():
-                    last_ckpt = _checkpoint(env, trainable, progress, resources, run_dir, tc, last_metrics, task)
+                    last_ckpt = _checkpoint(env, trainable, progress, resources, run_dir, tc, last_metrics, task,
+                                            feed=dict(position))
                 if unmanaged is not None and env.is_rank0 and _superseded(unmanaged, run_dir, tc.keep_checkpoints):
                     shutil.rmtree(unmanaged, ignore_errors=True)
                     unmanaged = None
             if step >= tc.steps:
                 break
-        else:
-            progress.epoch += 1  # the pass ran to its end
-        if batches == 0:
-            raise RuntimeError(f"the training split gave worker {env.rank} no batch of {per_worker} rows: it has fewer than "
-                               f"batch_size={tc.batch_size} rows in all; add data or lower train.batch_size")
 
     last_eval = _quick_eval(config, task, env, trainable, progress.step, tracker)
     export_dir = None
@@ -531,18 +892,64 @@ def _run_steps(config: dict, task: TrainTask, env: WorkerEnv, trainable: Trainab
             "export_dir": str(export_dir) if export_dir else None}
 
 
+def run_step(task: TrainTask, env: WorkerEnv, batch: Mapping[str, Any], step: int, meter: "_Meter") -> None:
+    """One training step as the loop runs it (the benchmarks call this too): the task's step, the
+    LR schedules, the logs into the meter (kept as tensors until it logs)."""
+    meter.add(task.train_step(batch, env, step))
+    env.step_schedulers()
+
+
+def _epoch_source(config: dict, env: WorkerEnv, progress: Progress, feed_state: Mapping[str, Any] | None):
+    """``(epochs(epoch, start) -> batches, index of the first batch in progress.epoch, identity)``;
+    ``identity`` describes the feed in checkpoints (with the position added).
+
+    In memory, the order of an epoch depends on (seed, epoch) alone, so a resumed run continues
+    the interrupted epoch at the batch it had reached (saved in the checkpoint). A stream cannot
+    seek: a resumed run starts a fresh pass.
+    """
+    import ray
+    import ray.train
+
+    tc: TrainConfig = config["train"]
+    ref = config.get("train_in_memory")
+    if ref is None:
+        shard = ray.train.get_dataset_shard("train")
+        per_worker = tc.batch_size // env.world_size
+        return (lambda epoch, start: iter_stream_epoch(shard, per_worker, tc, env.rank, epoch)), 0, {"mode": "stream"}
+    data: InMemoryData = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+    per_epoch = data.batches_per_epoch(tc.batch_size)
+    identity = {"mode": "memory", "rows": data.num_rows, "batch_size": tc.batch_size, "seed": tc.seed}
+    start = 0
+    if feed_state and all(feed_state.get(k) == v for k, v in identity.items()) \
+            and feed_state.get("epoch") == progress.epoch:
+        start = int(feed_state.get("index", 0))
+        if per_epoch and start >= per_epoch:  # saved right at the end of a pass: the next one starts
+            progress.epoch, start = progress.epoch + 1, 0
+    elif feed_state is not None and env.is_rank0:
+        log.info("resumed run: the checkpoint's feed position (%s) does not apply to this feed; starting a fresh "
+                 "pass over the training split", dict(feed_state) or "none saved")
+
+    def epochs(epoch: int, first: int) -> Iterator[dict[str, np.ndarray]]:
+        return data.iter_epoch(epoch, seed=tc.seed, global_batch=tc.batch_size, rank=env.rank,
+                               world_size=env.world_size, start=first)
+
+    return epochs, start, identity
+
+
 def _superseded(directory: Path, run_dir: Path, keep: int) -> bool:
     step = read_progress(directory)[0].step
     return sum(1 for s, _ in list_checkpoints(run_dir) if s > step) >= keep
 
 
-def _iter_batches(shard, per_worker: int, tc: TrainConfig, rank: int, epoch: int) -> Iterable[dict[str, np.ndarray]]:
+def iter_stream_epoch(shard, per_worker: int, tc: TrainConfig, rank: int,
+                      epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """One pass of the streaming feed: this worker's Ray Data shard in numpy batches of ``per_worker`` rows."""
     # drop_last: every rank then takes the same number of steps per pass (the split is equal),
     # so no rank waits in an all-reduce for a batch that never comes.
     shuffle = {"local_shuffle_buffer_size": tc.shuffle_buffer, "local_shuffle_seed": tc.seed + 7919 * epoch + rank} \
         if tc.shuffle_buffer else {}
-    return shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                              prefetch_batches=tc.prefetch_batches, **shuffle)
+    return iter(shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                   prefetch_batches=tc.prefetch_batches, **shuffle))
 
 
 def _quick_eval(config: dict, task: TrainTask, env: WorkerEnv, trainable: Trainable, step: int, tracker) -> dict:
@@ -570,13 +977,14 @@ def _quick_eval(config: dict, task: TrainTask, env: WorkerEnv, trainable: Traina
 
 
 def _checkpoint(env: WorkerEnv, trainable: Trainable, progress: Progress, resources: WorkerResources, run_dir: Path,
-                tc: TrainConfig, metrics: dict, task: TrainTask) -> Path:
-    """Every rank writes its part and reports it (``ray.train.report`` is a collective in V2)."""
+                tc: TrainConfig, metrics: dict, task: TrainTask, feed: dict | None = None) -> Path:
+    """Every rank writes its part and reports it (``ray.train.report`` is a collective in V2).
+    ``feed``: where the feed stands (kind, epoch, batch index), for an in-memory feed to resume exactly."""
     import ray.train
     from ray.train import Checkpoint
 
     name = checkpoint_dir_name(progress.step)
-    meta = {"task": task.name, "train": tc.model_dump(mode="json")}
+    meta = {"task": task.name, "train": tc.model_dump(mode="json"), "feed": feed or {}}
     report = {"step": progress.step, "epoch": progress.epoch, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
     parts = dict(progress=progress, modules=trainable.modules, optimizers=env.optimizers, schedulers=env.schedulers,
                  rank=env.rank, world_size=env.world_size, meta=meta)
@@ -602,6 +1010,11 @@ def _checkpoint(env: WorkerEnv, trainable: Trainable, progress: Progress, resour
 class _Meter:
     """Averages task logs over a log interval and turns wall time into images/s and ETA.
 
+    Logs may be floats or 0-dim tensors. Tensors stay where they are (on the device) until
+    :meth:`flush`, which reads them all in one transfer: the steps in between never wait for the
+    device, so the feed and the host side of the next step overlap the device's work. A
+    non-finite value is therefore reported at the log step (naming the step it came from).
+
     Time spent in checkpoints and evals is excluded from images/s (it is a training-speed
     figure) but included in the ETA (which must hold for the whole run).
     """
@@ -610,22 +1023,44 @@ class _Meter:
         self.tc, self.env = tc, env
         self.keys = keys
         self.start_step = start_step
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}  # per key: a loss term may switch on mid-interval (GAN)
+        # key -> [(step, value)]; a loss term may switch on mid-interval (GAN)
+        self.values: dict[str, list[tuple[int, float | torch.Tensor]]] = {}
         self.count = 0
         self.t_last = self.t_start = time.perf_counter()
         self.step_last = start_step
         self.paused_s = 0.0
 
-    def add(self, logs: Mapping[str, float]) -> None:
+    def add(self, logs: Mapping[str, Any]) -> None:
+        step = self.step_last + self.count + 1
         for k, v in logs.items():
-            v = float(v)
-            if not math.isfinite(v):
-                raise FloatingPointError(f"non-finite {k}={v} at step {self.step_last + self.count + 1} on rank "
-                                         f"{self.env.rank}; lower train.lr or enable train.grad_clip")
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"log {k!r} must be a float or a 0-dim tensor, got a tensor of shape "
+                                     f"{tuple(v.shape)}")
+                v = v.detach().reshape(())
+            else:
+                v = float(v)
+                if not math.isfinite(v):
+                    self._non_finite(k, v, step)
+            self.values.setdefault(k, []).append((step, v))
         self.count += 1
+
+    def _non_finite(self, key: str, value: float, step: int) -> None:
+        raise FloatingPointError(f"non-finite {key}={value} at step {step} on rank {self.env.rank}; lower train.lr or "
+                                 "enable train.grad_clip")
+
+    def _read(self) -> dict[str, list[tuple[int, float]]]:
+        """Every logged value as a float, with one device-to-host transfer per device."""
+        tensors: dict[torch.device, list[torch.Tensor]] = {}
+        for entries in self.values.values():
+            for _, v in entries:
+                if isinstance(v, torch.Tensor):
+                    tensors.setdefault(v.device, []).append(v.float())
+        host = {d: iter(torch.stack(ts).cpu().tolist()) for d, ts in tensors.items()}
+        out = {}
+        for k, entries in self.values.items():
+            out[k] = [(s, next(host[v.device]) if isinstance(v, torch.Tensor) else v) for s, v in entries]
+        return out
 
     @contextlib.contextmanager
     def paused(self):
@@ -636,7 +1071,12 @@ class _Meter:
             self.paused_s += time.perf_counter() - t
 
     def flush(self, step: int, epoch: int, tracker) -> dict[str, float]:
-        means = self.env.mean_over_workers({k: v / self.counts[k] for k, v in self.sums.items()})
+        values = self._read()
+        bad = [(s, k, v) for k, entries in values.items() for s, v in entries if not math.isfinite(v)]
+        if bad:
+            s, k, v = min(bad)
+            self._non_finite(k, v, s)
+        means = self.env.mean_over_workers({k: sum(v for _, v in e) / len(e) for k, e in values.items() if e})
         now = time.perf_counter()
         steps = step - self.step_last
         busy = max(1e-9, now - self.t_last - self.paused_s)
@@ -651,7 +1091,7 @@ class _Meter:
                      "  ".join(f"{k} {means[k]:.4g}" for k in shown), metrics["lr"], metrics["images_per_s"],
                      _fmt_s(metrics["eta_s"]))
             tracker.log_metrics(metrics, step)
-        self.sums, self.counts, self.count = {}, {}, 0
+        self.values, self.count = {}, 0
         self.t_last, self.step_last, self.paused_s = now, step, 0.0
         return metrics
 
