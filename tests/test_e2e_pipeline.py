@@ -230,6 +230,14 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
                                                 "color_attr"}
     assert 0 <= lm_eval["geneval_overall"] <= 1 and 0 <= lm_eval["caption_slot_accuracy"] <= 1
     assert "final/geneval_overall" in client.get_run(runs["lm"].info.run_id).data.metrics
+    # the recipe report reads this run: one row per target, and the same as one JSON line
+    rep = subprocess.run([py, "bench/recipe_report.py", "--workdir", str(work)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    report = json.loads(rep.stdout.strip().splitlines()[-1])
+    names = {r["name"] for r in report["rows"]}
+    assert {"GenEval-shapes overall", "overall [en]", "single_object [zh]", "caption slot accuracy [en]"} <= names
+    assert "targets hold" in rep.stdout
     grids = {a.path for a in client.list_artifacts(runs["lm"].info.run_id, "eval/geneval_grids")}
     assert grids == {f"eval/geneval_grids/{t}.png" for t in lm_eval["geneval"]["tasks"]}
     # the sampling defaults were searched on validation prompts first, and the benchmark used the choice
