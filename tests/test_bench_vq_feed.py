@@ -43,10 +43,7 @@ def test_vq_feed_dry_run_on_cuda(ray_session):
 
 
 def test_vq_curve_prints_the_judge_ceiling_at_each_checkpoint(capsys):
-    spec = importlib.util.spec_from_file_location("vq_curve", BENCH / "vq_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--at", "2,4", "--images", "48", "--prompts-per-task", "1", "--threads", "1"]) == 0
+    assert _load("vq_curve").main(["--at", "2,4", "--images", "48", "--prompts-per-task", "1", "--threads", "1"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
     for r in lines:
