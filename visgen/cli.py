@@ -147,6 +147,22 @@ def cmd_data_ingest(args):
     print(report.format())
 
 
+def pack_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``data pack`` flags as ``PackConfig`` fields (``--template`` / ``--template-zh`` → ``templates``)."""
+    fields = {dest[5:]: v for dest, v in vars(args).items() if dest.startswith("pack:") and v is not None}
+    templates = {lang: fields.pop(f"template_{lang}") for lang in ("en", "zh") if f"template_{lang}" in fields}
+    if templates:  # the languages given replace the default English template
+        fields["templates"] = templates
+    return fields
+
+
+def cmd_data_pack(args):
+    from visgen.config import validate_section
+    from visgen.data.pack import PackConfig, pack
+
+    print(pack(validate_section(PackConfig, pack_fields(args), where="visgen data pack")).format())
+
+
 def cmd_data_tokenizer(args):
     from visgen import stages
     from visgen.text.tokenizer import TextTokenizer
@@ -325,6 +341,8 @@ def cmd_spec_show(args):
 COMMANDS: dict[tuple[str, ...], tuple[Any, list[str], str]] = {
     ("data", "synth"): (cmd_data_synth, ["data.synth"], "generate the procedural shapes shards (WebDataset, img2dataset layout)"),
     ("data", "ingest"): (cmd_data_ingest, ["data.ingest"], "run the Ray Data ingest pass: decode, validate, resize, tokenize, quarantine"),
+    ("data", "pack"): (cmd_data_pack, [], "pack a folder of images + captions, an ImageFolder tree or a parquet "
+                                         "into img2dataset-layout shards (one Ray task per shard)"),
     ("data", "tokenizer"): (cmd_data_tokenizer, ["text_tokenizer"], "train the byte-level BPE text tokenizer over the shard captions"),
     ("train", "tokenizer"): (cmd_train_tokenizer, ["image_tokenizer.model", "image_tokenizer.train", "image_tokenizer.scaling"],
                              "train the VQ image tokenizer on Ray Train (resumes a run with checkpoints)"),
@@ -382,6 +400,40 @@ EXTRA_FLAGS = {
         ("--judge-dir", {"help": "judge weights directory (default: the judge shipped with visgen)"}),
         ("--out", {"help": "result JSON path (default: IMAGES/results.json)"}),
     ],
+    ("data", "pack"): [
+        ("pack:source", {"metavar": "SRC", "help": "a directory of images (with --captions or metadata.jsonl), an "
+                                                   "ImageFolder tree (SRC/<class>/<image>), or a .parquet file"}),
+        ("--out", {"dest": "pack:output", "metavar": "DIR", "required": True, "help": "output directory of the shards"}),
+        ("--layout", {"dest": "pack:layout", "choices": ["auto", "captions", "imagefolder", "parquet"],
+                      "help": "how SRC is read (default: auto)"}),
+        ("--captions", {"dest": "pack:captions", "metavar": "FILE",
+                        "help": "JSONL / CSV / TSV rows naming an image (path relative to SRC, or key) and its caption"}),
+        ("--labels", {"dest": "pack:labels", "metavar": "FILE",
+                      "help": "JSON: class name -> label, or -> {language: label} (e.g. Chinese names)"}),
+        ("--template", {"dest": "pack:template_en", "metavar": "TEXT",
+                        "help": "English caption template for class labels (default: \"a photo of a {label}\")"}),
+        ("--template-zh", {"dest": "pack:template_zh", "metavar": "TEXT",
+                           "help": "Chinese caption template, e.g. \"一张{label}的照片\" (one sample per template)"}),
+        ("--image-column", {"dest": "pack:image_column", "metavar": "NAME", "help": "image column: path/key (captions file), "
+                                                                 "bytes (parquet) (default: autodetect)"}),
+        ("--text-column", {"dest": "pack:text_column", "metavar": "NAME", "help": "caption column (default: autodetect)"}),
+        ("--language-column", {"dest": "pack:language_column", "metavar": "NAME",
+                               "help": "language column (default: language/lang if present, else detected)"}),
+        ("--shard-size", {"dest": "pack:shard_size", "metavar": "N", "type": int, "help": "samples per shard (default: 1000)"}),
+        ("--image-format", {"dest": "pack:image_format", "choices": ["keep", "jpg", "png", "webp"],
+                            "help": "keep the original bytes, or re-encode other formats (default: keep)"}),
+        ("--jpeg-quality", {"dest": "pack:jpeg_quality", "metavar": "Q", "type": int, "help": "re-encoding quality (default: 95)"}),
+        ("--min-size", {"dest": "pack:min_size", "metavar": "PX", "type": int,
+                        "help": "quarantine images whose shorter side is smaller (default: ingest's, 32)"}),
+        ("--max-image-pixels", {"dest": "pack:max_image_pixels", "metavar": "N", "type": int,
+                                "help": "quarantine images declaring more pixels (default: ingest's)"}),
+        ("--max-member-bytes", {"dest": "pack:max_member_bytes", "metavar": "BYTES", "type": int,
+                                "help": "quarantine image files larger than this (default: ingest's)"}),
+        ("--quarantine", {"dest": "pack:quarantine_dir", "metavar": "DIR",
+                          "help": "quarantine table directory (default: OUT/_quarantine)"}),
+        ("--cpus-per-shard", {"dest": "pack:cpus_per_shard", "metavar": "CPUS", "type": float,
+                              "help": "Ray CPUs per shard task (default: 1)"}),
+    ],
     ("data", "tokenizer"): [("--force", {"action": "store_true", "help": "retrain even when the saved tokenizer is up to date"})],
     ("data", "token-cache"): [("--force", {"action": "store_true", "help": "rebuild even when the cache is up to date"})],
     ("train", "lm"): [("--run-name", {"help": "Ray Train / MLflow run name; the same name resumes (default: lm)"})],
@@ -425,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     sub_by_group: dict[str, argparse._SubParsersAction] = {}
-    group_help = {"data": "data stages: synth, ingest, tokenizer, token-cache", "train": "training stages",
+    group_help = {"data": "data stages: synth, pack, ingest, tokenizer, token-cache", "train": "training stages",
                   "eval": "evaluation", "spec": "inspect pipeline specs"}
     for command, (fn, sections, help_text) in COMMANDS.items():
         if len(command) == 1:
