@@ -3,7 +3,7 @@
 The script writes a parquet token cache into a temporary directory (the token-cache columns:
 ``key``, ``caption``, ``text_ids`` list<int32>, ``image_ids`` list<int32>, ``fingerprint``;
 random ids, since only their shapes matter for speed), then runs the same training loop --
-``visgen.train.loop.run_step``: the transformer trainer's own step
+``visgen.train.worker.run_step``: the transformer trainer's own step
 (``visgen.train.lm.LMTask.train_step``), the LR schedule, the logs kept as the loop keeps them
 and read every ``--log-every`` steps -- on four feeds, side by side:
 
@@ -95,7 +95,8 @@ class Trainer:
 
         from visgen.pipeline import SamplingConfig
         from visgen.train.lm import LMRecipe, LMTask
-        from visgen.train.loop import WorkerEnv, _Meter
+        from visgen.train.task import WorkerEnv
+        from visgen.train.worker import Meter
 
         torch.manual_seed(0)
         self.tc = tc
@@ -110,18 +111,18 @@ class Trainer:
         self.task = task if task is not None else LMTask(cfg, LMRecipe(), SamplingConfig())
         self.env.build_optimizers(self.task.setup(self.env).param_groups)
         self.model = self.task.model
-        self.meter = _Meter(tc, self.env, 0, self.task.log_keys)
+        self.meter = Meter(tc, self.env, 0, self.task.log_keys)
         self.last: dict = {}
 
     @property
     def has_collate(self) -> bool:
-        from visgen.train.loop import TrainTask
+        from visgen.train.task import TrainTask
 
         return type(self.task).collate is not TrainTask.collate
 
     def step(self, batch, step: int) -> float:
         """One step of the loop (``run_step``) on a numpy batch, collated here; returns the loss."""
-        from visgen.train.loop import run_step
+        from visgen.train.worker import run_step
 
         run_step(self.task, self.env, self.task.collate(batch, self.env, step), step, self.meter)
         return self.flush(step + 1)["loss"]
@@ -146,7 +147,8 @@ class _NoTracker:
 def timed_run(trainer: Trainer, items, steps: int, warmup: int, log_every: int) -> dict:
     """Run the loop's steps on the first ``steps`` batches of ``items`` (FeedItems or batches);
     steady-state steps/s after ``warmup``. Logs are read every ``log_every`` steps, as in the loop."""
-    from visgen.train.loop import EpochEnd, FeedItem, run_step
+    from visgen.train.feed import EpochEnd, FeedItem
+    from visgen.train.worker import run_step
 
     trainer.meter = type(trainer.meter)(trainer.tc, trainer.env, 0, trainer.task.log_keys)
     t0 = time.perf_counter()
@@ -181,7 +183,7 @@ def measure_feeds(trainer: Trainer, dataset, *, feeds=FEEDS, steps: int, warmup:
 
     ``dataset``: the Ray Dataset of the training split (already restricted to the task's columns).
     """
-    from visgen.train.loop import EpochEnd, Feed, _map_tensors, iter_stream_epoch, read_in_memory
+    from visgen.train.feed import EpochEnd, Feed, iter_stream_epoch, map_tensors, read_in_memory
 
     tc, env, task = trainer.tc, trainer.env, trainer.task
     unknown = sorted(set(feeds) - set(FEEDS))
@@ -195,7 +197,7 @@ def measure_feeds(trainer: Trainer, dataset, *, feeds=FEEDS, steps: int, warmup:
         raise ValueError(f"{data.num_rows} rows do not make one batch of {tc.batch_size}")
     held = min(steps, per_epoch)
     host = list(itertools.islice(data.iter_epoch(0, seed=tc.seed, global_batch=tc.batch_size), held))
-    device = [_map_tensors(task.collate(b, env, i), lambda t: t.to(env.device)) for i, b in enumerate(host)]
+    device = [map_tensors(task.collate(b, env, i), lambda t: t.to(env.device)) for i, b in enumerate(host)]
 
     def feed(epochs):
         return Feed(task, env, epochs, start_step=0, steps=steps, depth=tc.prefetch_batches)

@@ -4,7 +4,7 @@ The same comparison as ``bench/lm_feed.py`` (whose feed runner this script uses)
 image tokenizer: the script writes shapes shards (WebDataset tars of JPEGs, as ``visgen data
 synth`` does) into a temporary directory, builds the training split with the real ingest
 (``visgen.data.ingest.build_dataset``: tar walk, JPEG decode, resize, inside the Ray Data read
-tasks), and runs the training loop's step (``visgen.train.loop.run_step`` on
+tasks), and runs the training loop's step (``visgen.train.worker.run_step`` on
 ``ImageTokenizerTask``: uint8 images collated and copied to the device by the loop's feed,
 generator forward/backward and AdamW; bf16 autocast on GPU) on four feeds:
 

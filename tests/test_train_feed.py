@@ -12,10 +12,11 @@ import torch
 
 from visgen.config import SpecError, load_spec
 from visgen.train.config import TrainConfig
-from visgen.train.loop import (
-    EpochEnd, Feed, FeedItem, InMemoryData, TrainTask, WorkerEnv, _Meter, iter_stream_epoch, read_in_memory,
-    resolve_in_memory,
+from visgen.train.feed import (
+    EpochEnd, Feed, FeedItem, InMemoryData, iter_stream_epoch, read_in_memory, resolve_in_memory,
 )
+from visgen.train.task import TrainTask, WorkerEnv
+from visgen.train.worker import Meter
 
 
 def token_rows(n: int, seed: int = 0, n_image: int = 6) -> pa.Table:
@@ -235,7 +236,7 @@ class _Tracker:
 
 def test_meter_averages_tensor_and_float_logs_and_names_a_non_finite_step():
     tc = TrainConfig(batch_size=4, steps=10)
-    meter = _Meter(tc, _env(), 0)
+    meter = Meter(tc, _env(), 0)
     meter.add({"loss": torch.tensor(1.0), "grad_norm": 2.0})
     meter.add({"loss": torch.tensor(3.0), "grad_norm": torch.tensor(4.0, dtype=torch.float64), "d_loss": torch.tensor(5.0)})
     m = meter.flush(2, 0, _Tracker())
