@@ -145,6 +145,11 @@ def serve_deploy_and_ask(head: dict, work: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
+    t0 = time.perf_counter()
+
+    def phase(name: str) -> None:  # where the time goes, in the -s / failure output
+        print(f"[e2e {time.perf_counter() - t0:6.1f}s] {name}", flush=True)
+
     work = tmp_path / "work"
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -155,6 +160,7 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     expected = plant_bad_shards(work / "bad", work / "shards" / "00000.tar")
+    phase("synth job done")
 
     # 2) the main job over good + bad shards (brace + glob source), submitted to a Ray cluster
     source = f"{work}/{{shards,bad}}/*.tar"
@@ -164,19 +170,24 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
                 "--set", f"serve.port={port}"]
     submission = f"visgen-test-{int(time.time())}"
     with ray_head() as head:
+        phase("ray head up")
         submit = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", submission,
                   "--working-dir", str(ROOT), "--", "python", *job_args]
         out = subprocess.run(submit, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1200)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
         text = out.stdout + out.stderr
         assert f"Job '{submission}' succeeded" in text and "=== [10/10] serve the champion" in text
+        first = json.loads((work / "summary.json").read_text())
+        phase(f"pipeline job done: {({k: v for k, v in first.items() if k.endswith('_s')})}")
         # the job's record on the cluster, and the same submission id cannot run twice
         status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", head["address"], submission],
                                 env=head["env"], capture_output=True, text=True, timeout=120)
         assert "succeeded" in (status.stdout + status.stderr).lower()
         again = subprocess.run(submit, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
         assert again.returncode != 0 and "already exists" in (again.stdout + again.stderr)
+        phase("job record checked")
         serve_deploy_and_ask(head, work, tmp_path)
+        phase("serve deploy answered")
     summary = json.loads((work / "summary.json").read_text())
     assert summary["pipeline"] == "shapes-tiny" and summary["total_s"] > 0
 
@@ -252,6 +263,7 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
     assert str(client.get_model_version_by_alias("visgen", "champion").version) == "1"
     assert summary["serve"]["version"] in ("1", 1) and isinstance(summary["serve"]["caption"], str)
 
+    phase("artifacts checked")
     # 3) re-running, now as a plain local job: shards and tokenizer reused, training resumes at its last step
     out = subprocess.run([py, *job_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -260,3 +272,4 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
     # an unchanged model is not registered again: same bundle, same results, still version 1
     assert "bundle" in out.stderr and "is up to date" in out.stderr and "already evaluated" in out.stderr
     assert [str(v.version) for v in client.search_model_versions("name = 'visgen'")] == ["1"]
+    phase("re-run done")
