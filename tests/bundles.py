@@ -23,8 +23,9 @@ def captions(n: int = 400) -> list[str]:
     return [make_caption(sample_prompt(tasks[i % 6], rng), ("en", "zh")[i % 2], rng) for i in range(n)]
 
 
-def make_bundle(root: Path, seed: int = 0, eval_results: dict | None = None, **vq_overrides) -> Path:
-    """An untrained tiny bundle under ``root/bundle``; ``seed`` picks the weights, so two seeds are two models."""
+def make_bundle(root: Path, seed: int = 0, eval_results: dict | None = None, image_prep=None, **vq_overrides) -> Path:
+    """An untrained tiny bundle under ``root/bundle``; ``seed`` picks the weights, so two seeds are two models.
+    ``image_prep``: the recorded image preprocessing (an ``ImagePrep``; None records none, as old bundles)."""
     root = Path(root)
     torch.manual_seed(seed)
     vq = VQModel(vq_config("tiny", **{"resolution": RESOLUTION, **vq_overrides})).eval()
@@ -35,7 +36,7 @@ def make_bundle(root: Path, seed: int = 0, eval_results: dict | None = None, **v
     save_gpt(lm, root / "lm")
     tok.save(root / "text_tokenizer.json")
     bundle = write_bundle(root / "bundle", lm_dir=root / "lm", image_tokenizer_dir=root / "vq",
-                          text_tokenizer=root / "text_tokenizer.json")
+                          text_tokenizer=root / "text_tokenizer.json", image_prep=image_prep)
     if eval_results is not None:
         write_bundle_eval(bundle, eval_results)
     return bundle

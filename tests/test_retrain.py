@@ -85,9 +85,11 @@ def test_new_shards_train_evaluate_and_promote_or_refuse(champion):
     _add_shards(champion, "new2", seed=12)
     source2 = f"{champion}/{{shards,new1,new2}}/*.tar"
     refused = retrain(_spec(champion, source2), RetrainConfig(steps=2, warmup_steps=0, margin=1.0))
-    assert refused["status"] == "rejected" and "< margin 1.0" in refused["reason"]
+    assert refused["status"] == "rejected" and "< margin 1" in refused["reason"]
+    assert refused["reason"].startswith("geneval_overall (higher is better, margin 1)")
+    assert refused["challenger_score"] is not None and refused["champion_score"] is not None
     assert reg.aliases()["champion"] == "1"
-    assert reg.version(refused["challenger"]).tags["visgen.gate"].startswith("rejected: ")
+    assert reg.version(refused["challenger"]).tags["visgen.gate"] == f"rejected: {refused['reason']}"
 
 
 def test_two_retrains_at_once_only_one_runs(champion):

@@ -19,6 +19,7 @@ import requests
 from PIL import Image
 
 import visgen
+from visgen.data.images import ImagePrep
 from visgen.registry import Registry
 from visgen.serve import ServeConfig, ServeLimits, build_app
 from visgen.tracking import TrackingConfig
@@ -28,6 +29,7 @@ from net import free_port
 
 TOKEN = "test-token-123"
 EVAL = {"geneval_overall": 0.5, "caption_exact": 0.125}
+PREP_A = ImagePrep(resolution=16, resize_mode="pad", pad_color=(10, 20, 30))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,9 @@ def env(ray_session, tmp_path_factory):
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
-    bundles = make_bundle(root / "a", seed=0, eval_results=EVAL), make_bundle(root / "b", seed=1)
+    # version 1 records letterboxing (not ingest's default crop): uploads must be made square its way
+    bundles = (make_bundle(root / "a", seed=0, eval_results=EVAL, image_prep=PREP_A),
+               make_bundle(root / "b", seed=1))
     reg = Registry.from_config(TrackingConfig(experiment="serve-test", tracking_uri=f"sqlite:///{root}/mlflow.db"),
                                root / "work")
     v1, v2 = (reg.register(b).version for b in bundles)
@@ -93,6 +97,7 @@ def test_health_model_info_docs_and_page(env):
     assert info["name"] == "visgen" and info["version"] == "1" and "champion" in info["aliases"]
     assert info["eval"] == {"geneval_overall": "0.5", "caption_exact": "0.125"}
     assert info["resolution"] == 16 and info["grid"] == [8, 8] and info["limits"]["max_n"] == 4
+    assert info["image_prep"] == PREP_A.model_dump(mode="json")  # how the ingress makes uploads square
     spec = requests.get(url + "/openapi.json").json()
     assert {"/v1/generate", "/v1/caption", "/v1/edit", "/v1/model", "/healthz"} <= set(spec["paths"])
     gen_schema = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -8,7 +8,8 @@
 
 A bundle is a directory (an MLflow artifact directory once registered)::
 
-    manifest.json                  format, fingerprints, configs, sampling defaults, library versions
+    manifest.json                  format, fingerprints, configs, sampling defaults, image preparation
+                                   (visgen.data.images.ImagePrep: crop / pad, backgrounds), library versions
     image_tokenizer.safetensors    + image_tokenizer.json   (visgen.models.vq)
     lm.safetensors                 + lm.json                (visgen.models.gpt)
     text_tokenizer.json            byte-level BPE (HF tokenizers JSON)
@@ -16,6 +17,9 @@ A bundle is a directory (an MLflow artifact directory once registered)::
 
 Loading reads only safetensors and JSON, never a pickle, and checks that the three parts fit
 together (codebook size, token grid, text vocabulary, fingerprints recorded in the manifest).
+Every image a ``Pipeline`` is given (file, bytes, PIL image, array) is made into the model's
+square by :mod:`visgen.data.images` with the preparation the bundle records, the very
+conversion ingest applied to the training images.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from pydantic import Field
 
 from visgen.config import Section
+from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
 
 log = logging.getLogger("visgen")
@@ -56,8 +61,13 @@ class SamplingConfig(Section):
 # ---------------------------------------------------------------------------------------------
 def write_bundle(out_dir: str | Path, *, lm_dir: str | Path, image_tokenizer_dir: str | Path,
                  text_tokenizer: str | Path, sampling: SamplingConfig | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Assemble a bundle from the trained parts (copied; written to a temp dir, then swapped in)."""
+                 image_prep: ImagePrep | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Assemble a bundle from the trained parts (copied; written to a temp dir, then swapped in).
+
+    ``image_prep``: how the training images were made square (``IngestConfig.image_prep()``);
+    recorded so that every user of the bundle prepares images the same way. Without it the
+    bundle's readers assume ingest's defaults.
+    """
     from visgen import __version__
     from visgen.models.gpt import CONFIG_FILE as LM_JSON, WEIGHTS_FILE as LM_WEIGHTS
     from visgen.models.vq import CONFIG_FILE as VQ_JSON, WEIGHTS_FILE as VQ_WEIGHTS
@@ -67,6 +77,10 @@ def write_bundle(out_dir: str | Path, *, lm_dir: str | Path, image_tokenizer_dir
     lm_meta = json.loads((Path(lm_dir) / LM_JSON).read_text(encoding="utf-8"))
     vq_meta = json.loads((Path(image_tokenizer_dir) / VQ_JSON).read_text(encoding="utf-8"))
     tok = TextTokenizer.load(text_tokenizer)
+    vq_resolution = vq_meta["config"].get("resolution")
+    if image_prep is not None and image_prep.resolution != vq_resolution:
+        raise ValueError(f"image_prep.resolution={image_prep.resolution} but the image tokenizer in {image_tokenizer_dir} "
+                         f"was trained at {vq_resolution}: pass the ingest settings it was trained with")
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -84,6 +98,7 @@ def write_bundle(out_dir: str | Path, *, lm_dir: str | Path, image_tokenizer_dir
         "image_tokenizer": {"fingerprint": vq_meta["fingerprint"], "config": vq_meta["config"]},
         "text_tokenizer": {"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
         "sampling": (sampling or SamplingConfig()).model_dump(mode="json"),
+        **({"image_prep": image_prep.model_dump(mode="json")} if image_prep is not None else {}),
         **(extra or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -157,6 +172,9 @@ class Pipeline:
         self.sampling = sampling or SamplingConfig()
         self.source = source
         self._check_parts()
+        # How images become the model's square: as the training images were made (ingest's defaults
+        # for a bundle that predates the record).
+        self.image_prep = ImagePrep.from_manifest(self.manifest, self.resolution)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -205,7 +223,8 @@ class Pipeline:
         return {"source": self.source, "resolution": self.resolution, "grid": list(self.grid),
                 "lm_params": self.lm.num_params(), "lm_fingerprint": m.get("lm", {}).get("fingerprint"),
                 "image_tokenizer_fingerprint": m.get("image_tokenizer", {}).get("fingerprint"),
-                "created": m.get("created"), "eval": m.get("eval", {}), "sampling": self.sampling.model_dump()}
+                "created": m.get("created"), "eval": m.get("eval", {}), "sampling": self.sampling.model_dump(),
+                "image_prep": self.image_prep.model_dump(mode="json")}
 
     # -- building blocks -------------------------------------------------------------------------
     def text_regions(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -214,11 +233,19 @@ class Pipeline:
         ids = self.tokenizer.encode_batch([_check_text(p) for p in prompts], max_length=lay.text_slots - 1)
         return torch.tensor([lay.text_region(i) for i in ids], dtype=torch.long, device=self.device)
 
+    def prepare_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Images → (B, R, R, 3) uint8, made as ingest made the training images (``self.image_prep``).
+
+        Each image: a file path, the file's bytes (any format PIL reads), a PIL image, or a uint8
+        array (H, W), (H, W, 3) or (H, W, 4). An (R, R, 3) array is taken as it is.
+        """
+        return np.stack([_prepare(im, self.image_prep) for im in images])
+
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """Images (arrays, PIL images or paths) → codes (B, N), resized to the model's resolution."""
+        """Images (see :meth:`prepare_images`) → codes (B, N)."""
         from visgen.models.vq import to_model_input
 
-        arr = np.stack([_to_array(im, self.resolution) for im in images])
+        arr = self.prepare_images(images)  # (B, R, R, 3)
         with torch.no_grad():
             ids = self.vq.encode(to_model_input(arr).to(self.device))  # (B, h, w)
         return ids.flatten(1)
@@ -316,27 +343,24 @@ def _check_text(p: Any) -> str:
 
 
 def _is_single_image(x: Any) -> bool:
-    return isinstance(x, (str, Path)) or (isinstance(x, np.ndarray) and x.ndim == 3) or hasattr(x, "convert")
+    return isinstance(x, (str, Path, bytes, bytearray, memoryview)) or (isinstance(x, np.ndarray) and x.ndim == 3) \
+        or hasattr(x, "convert")
 
 
-def _to_array(image: Any, resolution: int) -> np.ndarray:
-    """uint8 (resolution, resolution, 3) from an array (H, W, 3) / (H, W), a PIL image or a file path."""
-    from PIL import Image
-
+def _prepare(image: Any, prep: ImagePrep) -> np.ndarray:
+    """One image → (R, R, 3) uint8 under ``prep``; a clear error naming what could not be read."""
+    where = None
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    if hasattr(image, "convert"):  # PIL
-        image = image.convert("RGB")
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
-    arr = arr[..., :3]
-    if arr.shape[:2] != (resolution, resolution):
-        arr = np.asarray(Image.fromarray(arr).resize((resolution, resolution), Image.Resampling.BICUBIC))
-    return arr
+        where = str(image)
+        try:
+            image = Path(image).expanduser().read_bytes()
+        except OSError as err:
+            raise FileNotFoundError(f"cannot read image file {where!r}: {err.strerror or err}") from None
+    try:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            # Local files: any format PIL reads (ingest and Serve accept JPEG / PNG / WebP only).
+            return decode_image(bytes(image), prep, formats=None)
+        return to_model_square(image, prep)
+    except ImageError as err:
+        what = where or (f"{len(image)} image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else "image")
+        raise ValueError(f"{what}: {err.detail}") from None

@@ -16,6 +16,11 @@ evaluation numbers of the manifest (``eval.<name>``), the fingerprints of the th
 content hash of the bundle (``bundle_sha256``) that makes registering the same files twice return
 the existing version instead of a duplicate.
 
+Promotion has one rule, :meth:`Registry.promote_if_better`, used by the pipeline's publish stage
+and by scheduled retraining alike: the challenger replaces the champion when it improves the gate
+metric (its ``eval.<metric>`` tag, or a score measured just now) by at least the margin in the
+metric's direction; a missing or non-finite score never wins over a finite one.
+
 Loading (:func:`load_version`) downloads one *numbered* version, never an alias, so the version a
 server reports is the one whose files it loaded, even when the alias moves during the download.
 Only safetensors and JSON are read (see :mod:`visgen.pipeline`).
@@ -23,15 +28,17 @@ Only safetensors and JSON are read (see :mod:`visgen.pipeline`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from visgen.pipeline import MANIFEST, TEXT_TOKENIZER_FILE, read_manifest
 from visgen.tracking import TrackingConfig, _is_remote, _open_run, _param_str, resolve_tracking_uri
@@ -49,6 +56,8 @@ ARTIFACT_PATH = "bundle"  # where a registration run keeps the bundle
 REQUIRED_FILES = (MANIFEST, "lm.safetensors", "lm.json", "image_tokenizer.safetensors", "image_tokenizer.json",
                   TEXT_TOKENIZER_FILE)
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+GATE_TAG = "visgen.gate"  # the promotion decision, on the challenger's version
+GateDirection = Literal["higher", "lower"]
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
@@ -72,6 +81,90 @@ class VersionInfo:
         return {"name": self.name, "version": self.version, "source": self.source, "run_id": self.run_id,
                 "aliases": list(self.aliases), "eval": self.eval,
                 "tags": {k: v for k, v in self.tags.items() if not k.startswith("eval.")}}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The promotion rule's verdict on one challenger (see :func:`gate_decision`)."""
+
+    promote: bool
+    reason: str
+    metric: str
+    direction: GateDirection
+    margin: float
+    challenger: str
+    challenger_score: float | None
+    champion: str | None
+    champion_score: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"promoted": self.promote, "reason": self.reason, "metric": self.metric, "direction": self.direction,
+                "margin": self.margin, "challenger": self.challenger, "challenger_score": self.challenger_score,
+                "champion": self.champion, "champion_score": self.champion_score}
+
+
+def gate_decision(metric: str, challenger: str, challenger_score: float | None, champion: str | None,
+                  champion_score: float | None, margin: float = 0.0, direction: GateDirection = "higher") -> GateDecision:
+    """Whether version ``challenger`` should replace ``champion`` (``None``: there is none) on ``metric``.
+
+    Promote when there is no champion, or when the challenger improves on the champion by at
+    least ``margin`` in ``direction`` (``higher``: new - old >= margin; ``lower``: old - new >=
+    margin). A missing or non-finite score never promotes over a champion with a finite one;
+    when neither has one the champion stays.
+    """
+    _check_gate(metric, margin, direction)
+    new = _finite(challenger_score)
+    old = _finite(champion_score)
+    rule = f"{metric} ({direction} is better, margin {margin:g})"
+
+    def decide(ok: bool, why: str) -> GateDecision:
+        return GateDecision(ok, why, metric, direction, float(margin), str(challenger), new,
+                            None if champion is None else str(champion), old)
+
+    if champion is None:
+        return decide(True, f"no champion yet: v{challenger} becomes it ({metric} {_show(challenger_score)})")
+    if str(champion) == str(challenger):
+        return decide(True, f"v{challenger} is already the champion")
+    if new is None and old is None:
+        return decide(False, f"{rule}: neither challenger v{challenger} ({_show(challenger_score)}) nor champion "
+                             f"v{champion} ({_show(champion_score)}) has a finite {metric}: keeping the champion; "
+                             f"evaluate both, or gate on a metric they have")
+    if new is None:
+        return decide(False, f"{rule}: challenger v{challenger} has {_show(challenger_score)}, champion v{champion} "
+                             f"has {old:.4f}: an unscored challenger never replaces a scored champion")
+    if old is None:
+        return decide(True, f"{rule}: challenger v{challenger} {new:.4f}, champion v{champion} has "
+                            f"{_show(champion_score)}: the scored challenger replaces it")
+    gain = new - old if direction == "higher" else old - new
+    ok = gain >= margin - 1e-12 * max(1.0, abs(new), abs(old))  # 0.6 - 0.5 must meet a margin of 0.1
+    return decide(ok, f"{rule}: challenger v{challenger} {new:.4f} vs champion v{champion} {old:.4f}: improvement "
+                      f"{gain:+.4f} {'>=' if ok else '<'} margin {margin:g}")
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _show(x: float | None) -> str:
+    return "no score" if x is None else (f"{x:.4f}" if math.isfinite(x) else f"a non-finite score ({x})")
+
+
+def _check_gate(metric: str, margin: float, direction: str) -> None:
+    if not isinstance(metric, str) or not metric.strip():
+        raise ValueError(f"the gate metric must be a metric name such as 'geneval_overall', got {metric!r}")
+    if direction not in ("higher", "lower"):
+        raise ValueError(f"the gate direction must be 'higher' or 'lower' (which way {metric} improves), got {direction!r}")
+    if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"the gate margin must be a finite number, got {margin!r}")
+
+
+def score_of(info: VersionInfo, metric: str) -> float | None:
+    """The version's ``eval.<metric>`` tag as a number; ``None`` when absent or not a number."""
+    raw = info.tags.get(f"eval.{metric}")
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +297,39 @@ class Registry:
         self.client.set_registered_model_alias(self.name, CHAMPION, target.version)
         log.info("%s of %r: version %s (was %s)", CHAMPION, self.name, target.version, current)
         return self.aliases()
+
+    def promote_if_better(self, version: str | int, metric: str, margin: float = 0.0, direction: GateDirection = "higher",
+                          *, scores: Mapping[str, float | None] | None = None) -> GateDecision:
+        """Promote ``version`` when :func:`gate_decision` says so; the verdict is returned and tagged
+        on the version (``visgen.gate``).
+
+        Scores are the versions' ``eval.<metric>`` tags; ``scores`` (``{version: score}``) replaces
+        them for the versions it names, e.g. both measured just now on the same held-out shards.
+        """
+        _check_gate(metric, margin, direction)
+        challenger = self.version(version)
+        try:
+            champion = self.resolve(CHAMPION)
+        except LookupError:
+            champion = None
+        scores = {str(k): v for k, v in (scores or {}).items()}
+
+        def score(info: VersionInfo) -> float | None:
+            return _number(scores[info.version]) if info.version in scores else score_of(info, metric)
+
+        decision = gate_decision(metric, challenger.version, score(challenger),
+                                 None if champion is None else champion.version,
+                                 None if champion is None else score(champion), margin, direction)
+        known = sorted(k for k in challenger.eval if score_of(challenger, k) is not None)
+        if not decision.promote and decision.challenger_score is None and known:
+            decision = dataclasses.replace(decision, reason=f"{decision.reason} (v{challenger.version} has scores "
+                                                            f"for: {', '.join(known)})")
+        self.client.set_model_version_tag(self.name, challenger.version, GATE_TAG,
+                                          f"{'promoted' if decision.promote else 'rejected'}: {decision.reason}")
+        if decision.promote:
+            self.promote(challenger.version)
+        log.info("gate for version %s of %r: %s", challenger.version, self.name, decision.reason)
+        return decision
 
     def rollback(self) -> dict[str, str]:
         """Swap ``champion`` and ``previous``: the last promotion undone (a second rollback redoes it)."""
@@ -338,6 +464,13 @@ def bundle_tags(manifest: dict) -> dict[str, str]:
     if "eval" not in manifest:
         tags["eval.status"] = "not evaluated"
     return tags
+
+
+def _number(x: Any) -> float | None:
+    try:
+        return None if x is None or isinstance(x, bool) else float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def _numeric(d: Mapping[str, Any]) -> dict[str, float]:

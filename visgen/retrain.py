@@ -10,9 +10,12 @@ One retrain (``visgen retrain --pipeline P`` / ``jobs/retrain.py``, run by a sch
    frozen tokenizers, and continue training the champion's transformer on it for
    ``retrain.steps`` steps (a new Ray Train run; checkpoints, resume and tracking as usual);
 4. evaluate challenger and champion on the same held-out shards with the same benchmark;
-5. register the challenger; promote it only when it beats the champion by ``retrain.margin``
-   on the gate metric, otherwise tag the version with why not. The old champion stays as
-   ``previous`` for ``visgen rollback``; Serve replicas follow the alias by themselves.
+5. register the challenger; promote it only when it improves on the champion by at least
+   ``retrain.margin`` on ``retrain.gate_metric`` in ``retrain.gate_direction``, with both scores
+   from step 4 (:meth:`visgen.registry.Registry.promote_if_better`, the rule the pipeline's
+   publish stage applies too); the version is tagged with the decision either way. The old
+   champion stays as ``previous`` for ``visgen rollback``; Serve replicas follow the alias by
+   themselves.
 
 Every decision is written to ``<workdir>/retrain/<stamp>/decision.json`` and returned.
 """
@@ -42,9 +45,14 @@ class RetrainConfig(Section):
     steps: int = Field(200, ge=1, le=10_000_000, description="Optimiser steps continuing the champion on new + replayed data.")
     lr: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate of the continued training (warmup, then cosine).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps of the continued training.")
-    gate_metric: Literal["geneval_overall", "caption_slot_accuracy"] = Field(
-        "geneval_overall", description="Evaluation number the challenger must improve to be promoted.")
-    margin: float = Field(0.0, ge=-1.0, le=1.0, description="Promote only when challenger - champion >= margin on gate_metric.")
+    gate_metric: str = Field(
+        "geneval_overall", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-/]+$",
+        description="Evaluation number a new bundle must improve to become the champion (pipeline and retraining), "
+                    "e.g. geneval_overall on shapes, heldout_t2i_loss or retrieval_i2t_at1 on other data.")
+    gate_direction: Literal["higher", "lower"] = Field(
+        "higher", description="Which way gate_metric improves: 'higher' (accuracies) or 'lower' (losses, distances).")
+    margin: float = Field(0.0, allow_inf_nan=False, description="Promote only when the new bundle improves "
+                          "gate_metric by at least this much in gate_direction (negative: tolerate that much worse).")
 
 
 class RetrainBusy(RuntimeError):
@@ -167,6 +175,7 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
 
     challenger_dir = write_bundle(run_dir / "bundle", lm_dir=res.model_dir, image_tokenizer_dir=champ_dir,
                                   text_tokenizer=champ_dir / "text_tokenizer.json", sampling=spec.sampling,
+                                  image_prep=spec.data.ingest.image_prep(),  # how its token cache was made
                                   extra={"pipeline": spec.name, "parent_version": champion.version,
                                          "shards": _source_signature(expand_source(spec.data.ingest.source))})
 
@@ -179,22 +188,16 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
                                       tracking=spec.tracking, run_name=f"retrain-{stamp}",
                                       sampling_search=search if search.enabled else None, search_result=tuned, **kw)
     champion_eval = evaluate_bundle(champ_dir, eval_dir=run_dir / "eval" / "champion", **kw)
-    new_score, old_score = challenger_eval[cfg.gate_metric], champion_eval[cfg.gate_metric]
     version = reg.register(challenger_dir, tags={"visgen.parent_version": champion.version,
                                                  "visgen.retrain": stamp, "visgen.shards": data_key}).version
-    record.update(challenger=version, metric=cfg.gate_metric, challenger_score=new_score,
-                  champion_score=old_score, margin=cfg.margin, steps=res.fit.step)
-    if new_score - old_score >= cfg.margin:
-        reg.client.set_model_version_tag(reg.name, version, "visgen.gate",
-                                         f"promoted: {cfg.gate_metric} {new_score:.4f} vs {old_score:.4f}")
-        record.update(status="promoted", aliases=reg.promote(version))
-        log.info("retrain: version %s promoted (%s %.4f vs champion %.4f, margin %.4f)", version, cfg.gate_metric,
-                 new_score, old_score, cfg.margin)
-    else:
-        why = (f"{cfg.gate_metric} {new_score:.4f} - champion v{champion.version}'s {old_score:.4f} = "
-               f"{new_score - old_score:+.4f} < margin {cfg.margin}")
-        reg.client.set_model_version_tag(reg.name, version, "visgen.gate", f"rejected: {why}")
-        record.update(status="rejected", reason=why, aliases=reg.aliases())
-        log.info("retrain: version %s not promoted: %s", version, why)
+    # Both scores as measured just now on the same held-out shards (the champion's registered tags
+    # may come from other held-out data).
+    decision = reg.promote_if_better(version, cfg.gate_metric, cfg.margin, cfg.gate_direction, scores={
+        version: challenger_eval.get(cfg.gate_metric), champion.version: champion_eval.get(cfg.gate_metric)})
+    record.update(challenger=version, metric=cfg.gate_metric, direction=cfg.gate_direction,
+                  challenger_score=decision.challenger_score, champion_score=decision.champion_score,
+                  margin=cfg.margin, steps=res.fit.step, reason=decision.reason,
+                  status="promoted" if decision.promote else "rejected", aliases=reg.aliases())
+    log.info("retrain: version %s %s: %s", version, record["status"], decision.reason)
     (run_dir / "decision.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
     return record

@@ -32,31 +32,31 @@ as JPEG, PNG or WebP whatever the extension says (PIL never probes other formats
 checked against ``max_image_pixels`` and ``min_size`` *before* decoding; EXIF orientation
 applied; modes L, LA, P, PA, RGBA, CMYK, 1, I, I;16 converted to RGB (alpha composited over
 ``alpha_background``, 16-bit scaled to 8-bit); antialiased bicubic resize and centre crop
-(``resize_mode='crop'``) or letterbox onto ``pad_color`` (``'pad'``) to ``resolution``².
+(``resize_mode='crop'``) or letterbox onto ``pad_color`` (``'pad'``) to ``resolution``². The pixel
+steps are :mod:`visgen.data.images`, shared with ``Pipeline`` and Serve (the bundle records
+:meth:`IngestConfig.image_prep`, so a served model sees images made as its training images were).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import time
 import unicodedata
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
 from pydantic import Field
 
 from visgen.config import Section
+from visgen.data.images import IMAGE_FORMATS, ImageError, ImagePrep, describe_error, open_image, to_model_square
 from visgen.data.sources import expand_source, split_shards
 from visgen.data.webdataset_source import IMAGE_EXTS, RawSample
 
@@ -107,6 +107,11 @@ class IngestConfig(Section):
                                  "map_batches stage, which Ray can spread over more tasks than there are shards.")
     jpeg_draft: bool = Field(True, description="Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when that "
                              "still covers the target size (several times faster; slight softening).")
+
+    def image_prep(self) -> ImagePrep:
+        """How these settings make an image into the model's square; bundles record it, serving repeats it."""
+        return ImagePrep(resolution=self.resolution, resize_mode=self.resize_mode, pad_color=self.pad_color,
+                         alpha_background=self.alpha_background, jpeg_draft=self.jpeg_draft)
 
 
 # -- quarantine vocabulary ------------------------------------------------------------------
@@ -222,96 +227,26 @@ def read_caption(txt: bytes | None, meta: dict | None, cfg: IngestConfig) -> str
 
 
 # -- images -------------------------------------------------------------------------------------
-
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP")
-_RESAMPLE = Image.Resampling.BICUBIC  # PIL widens the kernel when downscaling: antialiased
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-
-
-def _pre_crop_size(w: int, h: int, cfg: IngestConfig) -> tuple[int, int]:
-    """Size the whole image is scaled to before the crop/pad: short (crop) or long (pad) side → resolution."""
-    side = min(w, h) if cfg.resize_mode == "crop" else max(w, h)
-    scale = cfg.resolution / side
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any PIL mode JPEG/PNG/WebP can produce → RGB (alpha composited over ``background``)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        # PNG 16-bit grayscale: PIL's own convert clips at 255 (mostly white), so rescale.
-        a = np.asarray(img).astype(np.int64)
-        a8 = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)  # (H, W)
-        return Image.fromarray(a8, "L").convert("RGB")
-    if mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
-
-
-def resize_to_square(img: Image.Image, cfg: IngestConfig) -> np.ndarray:
-    """RGB image → (R, R, 3) uint8 by centre crop or letterbox, antialiased."""
-    r = cfg.resolution
-    w, h = img.size
-    if cfg.resize_mode == "crop":
-        s = min(w, h)
-        left, top = (w - s) / 2, (h - s) / 2
-        # Resample straight from the centre square: one pass, no intermediate full-size image.
-        out = img.resize((r, r), _RESAMPLE, box=(left, top, left + s, top + s))
-    else:
-        nw, nh = _pre_crop_size(w, h, cfg)
-        out = Image.new("RGB", (r, r), tuple(cfg.pad_color))
-        out.paste(img.resize((nw, nh), _RESAMPLE), ((r - nw) // 2, (r - nh) // 2))
-    return np.asarray(out, dtype=np.uint8)
-
+# The pixels themselves are made by visgen.data.images, the one conversion Pipeline and Serve share;
+# here only its errors become quarantine reasons.
 
 def decode_image(data: bytes, cfg: IngestConfig) -> np.ndarray:
     """Image bytes → (resolution, resolution, 3) uint8; raises :class:`Rejected`."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns above its own MAX_IMAGE_PIXELS; our limit (cfg.max_image_pixels) is checked below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
-    except Image.DecompressionBombError as err:
-        raise Rejected("image_too_large", str(err)) from None
-    except Image.UnidentifiedImageError:
-        raise Rejected("image_decode_error", f"not a JPEG, PNG or WebP image ({len(data)} bytes, "
-                                             f"starting {data[:8]!r})") from None
-    except Exception as err:
-        raise Rejected("image_decode_error", f"not a readable JPEG/PNG/WebP image: {_describe(err)}") from None
-
-    w, h = img.size
-    if w * h > cfg.max_image_pixels:
-        raise Rejected("image_too_large", f"{img.format} header declares {w}x{h} = {w * h} pixels "
-                                          f"> max_image_pixels={cfg.max_image_pixels}")
-    if min(w, h) < cfg.min_size:
-        raise Rejected("image_too_small", f"{w}x{h}: shorter side {min(w, h)} < min_size={cfg.min_size}")
+        img = open_image(data, formats=IMAGE_FORMATS, max_pixels=cfg.max_image_pixels, min_size=cfg.min_size)
+    except ImageError as err:
+        if err.reason == "image_too_large" and err.size is not None:
+            w, h = err.size
+            raise Rejected("image_too_large", f"{err.format} header declares {w}x{h} = {w * h} "
+                                              f"pixels > max_image_pixels={cfg.max_image_pixels}") from None
+        if err.reason == "image_too_small":
+            w, h = err.size
+            raise Rejected("image_too_small", f"{w}x{h}: shorter side {min(w, h)} < min_size={cfg.min_size}") from None
+        raise Rejected("image_decode_error" if err.reason == "image_format" else err.reason, err.detail) from None
     try:
-        if cfg.jpeg_draft and img.format == "JPEG":
-            # libjpeg's DCT scaling picks the largest 1/2^k reduction that still covers the size asked.
-            img.draft("RGB", _pre_crop_size(w, h, cfg))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = to_rgb(img, cfg.alpha_background)
-        return resize_to_square(rgb, cfg)
-    except Exception as err:  # truncated data, bad Huffman tables, broken zlib stream, ...
-        raise Rejected("image_decode_error", f"{img.format} {w}x{h} {img.mode}: {_describe(err)}") from None
-
-
-_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
-def _describe(err: BaseException) -> str:
-    # Details must not vary between runs (quarantine files are named by a hash of their rows),
-    # so object addresses such as "<_io.BytesIO object at 0x7f...>" are cut out.
-    return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+        return to_model_square(img, cfg.image_prep())
+    except ImageError as err:
+        raise Rejected("image_decode_error", err.detail) from None
 
 
 # -- one batch ----------------------------------------------------------------------------------
@@ -360,7 +295,7 @@ def process_samples(samples: Sequence[RawSample], cfg: IngestConfig,
             bad.append(quarantine_row(s, r.reason, r.detail))
             continue
         except Exception as err:  # a bug, not bad data: still one sample, never the batch
-            bad.append(quarantine_row(s, "sample_error", _describe(err)))
+            bad.append(quarantine_row(s, "sample_error", describe_error(err)))
             continue
         keys.append(s.key)
         shards.append(s.shard)

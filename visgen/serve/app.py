@@ -31,6 +31,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from visgen.data.images import ImagePrep
 from visgen.serve.config import ServeConfig
 from visgen.serve.inputs import (RequestError, body_kind, decode_base64, decode_image, parse_json, parse_multipart,
                                  read_body, request_id, request_models, validate, wants_png)
@@ -101,6 +102,7 @@ def _ingress_class(cfg: ServeConfig):
             self.model, self.cfg = model, ServeConfig.model_validate(cfg_dict)
             self._grid_rows: int | None = None  # learnt from the model's info, for the keep_rows limit
             self._resolution: int | None = None
+            self._prep: ImagePrep | None = None  # the bundle's image preprocessing (None: ingest's defaults)
 
         # -- plumbing ------------------------------------------------------------------------
         def _authorize(self, request: Request) -> None:
@@ -127,6 +129,7 @@ def _ingress_class(cfg: ServeConfig):
         async def _info(self) -> dict:
             info = await self._call(self.model.info.remote(), timeout_s=min(10.0, self.cfg.request_timeout_s))
             self._grid_rows, self._resolution = info["grid"][0], info["resolution"]
+            self._prep = ImagePrep.model_validate(info["image_prep"]) if info.get("image_prep") else None
             return info
 
         async def _form(self, request: Request, model) -> tuple[Any, bytes | None]:
@@ -176,7 +179,7 @@ def _ingress_class(cfg: ServeConfig):
             self._authorize(request)
             info = await self._info()
             body = {k: info.get(k) for k in ("name", "version", "aliases", "eval", "model_uri", "resolution", "grid",
-                                              "sampling", "loaded_at", "reload_error", "replica")}
+                                              "image_prep", "sampling", "loaded_at", "reload_error", "replica")}
             body["limits"] = limits.model_dump(mode="json")
             return JSONResponse(body, headers={VERSION_HEADER: str(info["version"])})
 
@@ -201,7 +204,7 @@ def _ingress_class(cfg: ServeConfig):
             req, data = await self._form(request, schemas["caption"])
             if self._resolution is None:
                 await self._info()
-            image = decode_image(data, limits, "image", resolution=self._resolution)
+            image = decode_image(data, limits, "image", resolution=self._resolution, prep=self._prep)
             result = self._result(await self._call(self.model.caption.remote({"image": image, "language": req.language})))
             return JSONResponse({"caption": result["caption"], "version": result["version"],
                                  "request_id": request.state.rid}, headers={VERSION_HEADER: str(result["version"])})
@@ -216,7 +219,7 @@ def _ingress_class(cfg: ServeConfig):
             if req.keep_rows > self._grid_rows:
                 raise RequestError(422, "keep_rows", f"keep_rows: {req.keep_rows} is not allowed: the image has "
                                    f"{self._grid_rows} token rows", self._grid_rows)
-            image = decode_image(data, limits, "image", resolution=self._resolution)
+            image = decode_image(data, limits, "image", resolution=self._resolution, prep=self._prep)
             job = {**req.model_dump(), "image": image}
             result = self._result(await self._call(self.model.edit.remote(job)))
             return self._images(request, result, req.seed)

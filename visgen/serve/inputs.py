@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from visgen.data.images import ImageError, ImagePrep, load_rgb, open_image, to_model_square
 from visgen.serve.config import ServeLimits
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -163,42 +164,47 @@ def decode_base64(text: str, field: str, limit: int) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
-def decode_image(data: bytes, limits: ServeLimits, field: str = "image", resolution: int | None = None) -> np.ndarray:
-    """An uploaded image file → uint8 (H, W, 3), at ``resolution`` x ``resolution`` when given.
+def decode_image(data: bytes, limits: ServeLimits, field: str = "image", resolution: int | None = None,
+                 prep: ImagePrep | None = None) -> np.ndarray:
+    """An uploaded image file → uint8 (R, R, 3), made as the model's training images were.
+
+    ``prep``: the served bundle's :class:`ImagePrep` (``Pipeline.image_prep``); with only
+    ``resolution``, ingest's defaults at that size (what a bundle without the record was trained
+    with); with neither, the upright RGB image at its own size. The pixels come from
+    :mod:`visgen.data.images`, the conversion ingest and ``Pipeline`` use.
 
     Checked in this order: byte size, format (from the header), pixel count (from the header),
     then decoded. Truncated or corrupt files are a 400, never a crash.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if len(data) > limits.max_image_bytes:
         raise RequestError(413, field, f"{field}: the image has {len(data)} bytes; the limit is {limits.max_image_bytes}",
                            limits.max_image_bytes)
     if not data:
         raise RequestError(400, field, f"{field}: the image is empty")
+    if prep is None and resolution is not None:
+        prep = ImagePrep(resolution=resolution)
+    elif prep is not None and resolution is not None and prep.resolution != resolution:
+        raise ValueError(f"decode_image: prep.resolution={prep.resolution} differs from resolution={resolution}")
     try:
-        im = Image.open(io.BytesIO(data), formats=list(limits.image_formats))  # reads the header only
-    except Image.DecompressionBombError as err:  # PIL's own header check, for sizes far beyond ours
-        raise RequestError(413, field, f"{field}: the image has more than {limits.max_image_pixels} pixels, the limit "
-                           f"({err})", limits.max_image_pixels) from None
-    except UnidentifiedImageError:
-        raise RequestError(415, field, f"{field}: not an image in an accepted format ({', '.join(limits.image_formats)})",
-                           list(limits.image_formats)) from None
-    except Exception as err:  # noqa: BLE001 - any parser failure on hostile bytes is the client's problem
-        raise RequestError(400, field, f"{field}: unreadable image header ({type(err).__name__})") from None
-    w, h = im.size
-    if w < 1 or h < 1 or w * h > limits.max_image_pixels:
-        raise RequestError(413, field, f"{field}: the image is {w}x{h} = {w * h} pixels; the limit is "
-                           f"{limits.max_image_pixels}", limits.max_image_pixels)
+        im = open_image(data, formats=limits.image_formats, max_pixels=limits.max_image_pixels)  # the header only
+    except ImageError as err:
+        if err.reason == "image_too_large" and err.size is None:  # PIL's own guard, for sizes far beyond ours
+            raise RequestError(413, field, f"{field}: the image has more than {limits.max_image_pixels} pixels, the "
+                               f"limit ({err.detail})", limits.max_image_pixels) from None
+        if err.reason == "image_too_large":
+            w, h = err.size
+            raise RequestError(413, field, f"{field}: the image is {w}x{h} = {w * h} pixels; the limit is "
+                               f"{limits.max_image_pixels}", limits.max_image_pixels) from None
+        if err.reason == "image_format":
+            raise RequestError(415, field, f"{field}: not an image in an accepted format "
+                               f"({', '.join(limits.image_formats)})", list(limits.image_formats)) from None
+        raise RequestError(400, field, f"{field}: unreadable image header ({err.detail})") from None
     try:
-        if resolution is not None and im.format == "JPEG":
-            im.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale directly
-        rgb = im.convert("RGB")
-        if resolution is not None and rgb.size != (resolution, resolution):
-            rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
-    except Exception as err:  # noqa: BLE001 - truncated / corrupt data
-        raise RequestError(400, field, f"{field}: the image could not be decoded ({type(err).__name__}: {err})") from None
+        if prep is None:
+            return np.asarray(load_rgb(im), dtype=np.uint8)
+        return to_model_square(im, prep)
+    except ImageError as err:  # truncated / corrupt data
+        raise RequestError(400, field, f"{field}: the image could not be decoded ({err.detail})") from None
 
 
 def encode_png(image: np.ndarray) -> bytes:

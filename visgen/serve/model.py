@@ -174,6 +174,8 @@ class VisgenModel:
         t0 = time.perf_counter()
         pipe, info = self._loader(model_uri, self._tracking_uri, self.cfg.device)
         info = {**info, "model_uri": model_uri, "resolution": pipe.resolution, "grid": list(pipe.grid),
+                # how uploads must be made square: as this bundle's training images were
+                "image_prep": pipe.image_prep.model_dump(mode="json"),
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         log.info("loaded %s version %s in %.1f s", model_uri, info.get("version"), time.perf_counter() - t0)
         return Served(pipe=pipe, info=info)
