@@ -472,7 +472,23 @@ EXTRA_FLAGS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands that read no pipeline spec: no --pipeline / --workdir / --set (a flag must reach something).
+SPECLESS_COMMANDS = {("data", "pack")}
+
+
+def command_of(argv: list[str]) -> tuple[str, ...]:
+    """The command ``argv`` names (``("data", "pack")``, ``("generate",)``), or ``()`` when none does."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for n in (1, 2):
+        if tuple(words[:n]) in COMMANDS:
+            return tuple(words[:n])
+    return ()
+
+
+def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The whole command line. ``only``: generate the spec-section flags for that command alone
+    (``main`` passes the command being run): the section classes import their components (torch,
+    Ray Data), which ``visgen --help`` or ``visgen data pack`` should not wait for."""
     parser = argparse.ArgumentParser(prog="visgen", description="Train and serve a text<->image model on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
@@ -488,14 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
                 gp = groups.add_parser(group, help=group_help.get(group, group), description=group_help.get(group, group))
                 sub_by_group[group] = gp.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
             p = sub_by_group[group].add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--pipeline", "-p", default=DEFAULT_PIPELINE, help=f"pipeline spec YAML (default: {DEFAULT_PIPELINE})")
-        p.add_argument("--workdir", help="override the spec's workdir (where every artifact goes)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any spec field, e.g. --set data.ingest.resolution=64")
+        if command not in SPECLESS_COMMANDS:
+            p.add_argument("--pipeline", "-p", default=DEFAULT_PIPELINE, help=f"pipeline spec YAML (default: {DEFAULT_PIPELINE})")
+            p.add_argument("--workdir", help="override the spec's workdir (where every artifact goes)")
+            p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any spec field, e.g. --set data.ingest.resolution=64")
         taken = {"pipeline", "workdir", "set", "verbose"}
         for flag, kw in EXTRA_FLAGS.get(command, []):
             p.add_argument(flag, **kw)
             taken.add(flag.lstrip("-"))
-        add_section_flags(p, sections, taken)
+        if sections and (only is None or only == command):
+            add_section_flags(p, sections, taken)
         p.set_defaults(func=fn)
     return parser
 
@@ -503,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from visgen.runtime import setup_logging
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=command_of(argv))
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
