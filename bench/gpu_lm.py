@@ -7,21 +7,29 @@ One process measures, in this order (training first, so the decode compiles come
     image and half image -> text), bf16 autocast, fused AdamW; eager and ``torch.compile``.
     MFU = tokens/s x ``VisGPT.flops_per_token()`` / 989 TFLOP/s (dense bf16 H100/H200).
 (b) ``gen``: text -> image at 256 image tokens with classifier-free guidance (the batch
-    doubled), sampling included, then VQ decoding of the codes to 256-px images with a
-    ``base``-preset VQ (random weights: speed only), for 8 and 64 prompts, eager and with
-    ``VisGPT.compile_decode()`` (``reduce-overhead``: CUDA graphs over the static KV cache).
-    images/s counts prompts per second end to end (transformer + VQ decoder); target >= 200.
+    doubled), full-vocabulary sampling included, then VQ decoding of the codes to 256-px images
+    with a ``base``-preset VQ (random weights: speed only), for 8, 64 and 256 prompts (16, 128
+    and 512 rows), eager and with ``VisGPT.compile_decode()``: the whole decode step (head, CFG
+    mix, sampling, token write, position) compiled, with ``reduce-overhead`` one CUDA graph per
+    token. ``--legacy`` adds the loop from before that step, with only ``forward_step``
+    compiled. ms/step = generation time / 256 (prefill included, as the reference counts it);
+    images/s counts prompts per second end to end (transformer + VQ decoder).
 (c) ``ref``: with ``--ref PATH`` (``ref_gpt.py``, not part of this repository), that script's
     own training measurement (eager and compiled) and its CUDA-graph decode (the ``REF_GRAPHS=1``
-    path: ``decode_graphs``) at the same row counts (16 and 128), in this process, on this GPU.
+    path: ``decode_graphs``) at the same row counts, in this process, on this GPU.
     Without ``--ref`` (or when the file is absent) the reference is skipped with a note.
+
+Targets (issue 13), in the table's last columns: compiled MFU >= 40 %, eager training >= 0.9x the
+reference's tokens/s, compiled decode ms/step <= the reference's at 16 and 128 rows, >= 200
+images/s end to end at 64 prompts.
 
 Warm-up (and compilation) is excluded from every timing; timings are wall clock between
 ``torch.cuda.synchronize()`` calls. Prints one JSON line per measurement (also appended to
 ``--jsonl``, by default ``$OUT/gpu_lm.jsonl`` when ``$OUT`` is set) and a summary table.
 
-    python bench/gpu_lm.py --ref /path/to/ref_gpt.py     # one H200: about 5 minutes
-    python bench/gpu_lm.py --dry-run                     # every code path at tiny sizes, on CPU, in seconds
+    python bench/gpu_lm.py --ref ../shared/bench/ref_gpt.py   # one H200: about 5 minutes
+    python bench/gpu_lm.py --dry-run                          # every code path at tiny sizes, on CPU, in seconds
+    python bench/gpu_lm.py --report DIR                       # bench/gpu_all.sh's table from its outputs
 
 The dry run uses tiny models and torch.compile's ``eager`` backend (graph capture and
 ``fullgraph`` checks without code generation); it checks the reference file's interface
@@ -58,17 +66,32 @@ class Sizes:
     batch: int = 64
     train_steps: int = 20
     train_warmup: int = 3  # the first one compiles
-    prompts: tuple[int, ...] = (8, 64)
+    prompts: tuple[int, ...] = (8, 64, 256)  # x2 rows with CFG: 16, 128, 512
+    decode_target_prompts: tuple[int, ...] = (8, 64)  # ms/step <= the reference's at 16 and 128 rows
+    images_target_prompts: int = 64  # >= 200 images/s end to end here
     gen_repeats: int = 3
     vq_preset: str = "base"
     vq_overrides: tuple[tuple[str, object], ...] = ()
     compile_backend: str = "inductor"
+    compile_mode: str = "reduce-overhead"  # VisGPT.compile_decode(mode): CUDA graphs over the whole decode step
     dropout: float | None = None  # None: the preset's (0.1 for base); the reference has none
 
 
 DRY = Sizes(gpt_preset="tiny", text_vocab=64, codebook=64, max_text_tokens=7, grid=(4, 4), batch=4, train_steps=2,
-            train_warmup=1, prompts=(1, 2), gen_repeats=1, vq_preset="tiny", vq_overrides=(("resolution", 8),),
-            compile_backend="eager")
+            train_warmup=1, prompts=(1, 2), decode_target_prompts=(1, 2), images_target_prompts=2, gen_repeats=1,
+            vq_preset="tiny", vq_overrides=(("resolution", 8),), compile_backend="eager")
+
+# The targets of issue 13: the thresholds the table marks "met" or "NOT met".
+TARGETS = {
+    "train_eager_ratio": 0.9,  # eager training tokens/s >= 0.9 x the reference's
+    "train_mfu": 0.40,  # compiled training MFU by executed FLOPs
+    "decode_ratio": 1.0,  # reference ms/step / ours, compiled, at 16 and 128 rows
+    "images_per_s": 200.0,  # text -> image end to end at 64 prompts (256 tokens, CFG, sampling, VQ decode)
+    "serve_ratio": 0.8,  # Serve on the GPU / in-process Pipeline.generate, concurrency 64
+    "ingest_over_webdataset": 1.0,  # bench/ingest.py (a)/(b) on 16 cores
+    "ingest_over_tight_loop": 0.8,  # bench/ingest.py (a)/(c) on 16 cores
+    "wall_s": 480.0,  # bench/gpu_all.sh, everything
+}
 
 
 class Recorder:
@@ -203,16 +226,6 @@ def bench_train(s: Sizes, device, compiled: bool, record: Recorder) -> dict:
 # ---------------------------------------------------------------------------------------------
 # (b) generation: transformer sampling + VQ decoding
 # ---------------------------------------------------------------------------------------------
-def compile_decode(model, backend: str) -> None:
-    model.compile_decode()
-    if backend != "inductor":
-        # VisGPT.compile_decode takes no backend: for the dry run, swap its step for the same
-        # compile with torch.compile's eager backend (tracing + fullgraph check, no codegen).
-        import torch
-
-        model._decode_step = torch.compile(model.forward_step, backend=backend, fullgraph=True, dynamic=False)
-
-
 def cudagraph_skips() -> int:
     """Times inductor declined to use CUDA graphs so far (the reason goes to the log)."""
     try:
@@ -223,7 +236,21 @@ def cudagraph_skips() -> int:
         return -1
 
 
-def bench_generate(s: Sizes, device, cfg_scale: float, record: Recorder, vq_channels_last: bool = False) -> list[dict]:
+def load_legacy():
+    """bench/lm_decode.py's frozen copy of the decode loop before the captured step (issue 13)."""
+    name = "visgen_bench_lm_decode"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "lm_decode.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def bench_generate(s: Sizes, device, cfg_scale: float, record: Recorder, vq_channels_last: bool = False,
+                   legacy: bool = False) -> list[dict]:
+    """Per prompt count: eager, then the compiled decode step (and with ``legacy`` the old loop with
+    only ``forward_step`` compiled), each timed end to end and per step."""
     import torch
 
     from visgen.models.gpt import VisGPT
@@ -240,13 +267,22 @@ def bench_generate(s: Sizes, device, cfg_scale: float, record: Recorder, vq_chan
     h, w = s.grid
     n_img = h * w
     rows, eager_codes = [], {}
-    for mode in ("eager", "compiled"):
+    modes = ["eager", "compiled"] + (["legacy"] if legacy else [])
+    legacy_step = None
+    for mode in modes:
         if mode == "compiled":
-            compile_decode(model, s.compile_backend)
+            model.compile_decode(s.compile_mode, backend=s.compile_backend)
+        if mode == "legacy":  # before issue 13: only forward_step compiled, the rest eager per token
+            kw = dict(mode=s.compile_mode) if s.compile_backend == "inductor" else {}
+            legacy_step = torch.compile(model.forward_step, backend=s.compile_backend, fullgraph=True, dynamic=False,
+                                        **kw)
         for p in s.prompts:
             text, seeds = prompt_batch(model.layout, p, device)
 
             def generate():
+                if mode == "legacy":
+                    return load_legacy().legacy_generate_images(model, text, seeds, cfg_scale=cfg_scale,
+                                                                step_fn=legacy_step)
                 return model.generate_images(text, seeds, cfg_scale=cfg_scale)
 
             skips = cudagraph_skips()
@@ -275,13 +311,14 @@ def bench_generate(s: Sizes, device, cfg_scale: float, record: Recorder, vq_chan
                 # rest of that image diverge: informational, not a failure.
                 extra["codes_equal_eager"] = float((codes == eager_codes[p]).float().mean())
                 extra["cudagraph_skips"] = cudagraph_skips() - skips if skips >= 0 else None
-            rows.append(record(source="visgen", what="generate", mode=mode, prompts=p,
-                               rows=p * (2 if cfg_scale != 1.0 else 1), image_tokens=n_img, cfg_scale=cfg_scale,
+            rows.append(record(source="visgen", what="generate" if mode != "legacy" else "generate_legacy",
+                               mode=mode, prompts=p, rows=p * (2 if cfg_scale != 1.0 else 1), image_tokens=n_img,
+                               cfg_scale=cfg_scale, compile_mode=s.compile_mode if mode != "eager" else None,
                                lm_s=lm, ms_per_step=1000 * lm / n_img, vq_s=dec, total_s=lm + dec,
                                lm_images_per_s=p / lm, images_per_s=p / (lm + dec),
                                image_px=list(images.shape[-2:]), first_s=first, **extra))
     model.clear_cache()
-    del model, vq
+    del model, vq, legacy_step
     free_memory()
     return rows
 
@@ -347,47 +384,148 @@ def check_ref_on_cpu(ref, record: Recorder) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Summary
+# Summary: one table with the targets (also what bench/gpu_all.sh prints, from the saved lines)
 # ---------------------------------------------------------------------------------------------
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def summary_table(record: Recorder, s: Sizes, notes: list[str]) -> list[str]:
-    out = ["", f"{'measurement':<42} {'visgen':>14} {'reference':>14} {'ratio':>7}"]
+def find(rows: list[dict], **match) -> dict | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
 
-    def line(name, ours, ref, spec, higher_better=True):
+
+class Table:
+    """Lines of (measurement, visgen, reference, ratio, target, status)."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str, str, str, str, str]] = []
+
+    def add(self, name: str, ours, ref=None, spec: str = ".3f", *, higher_better: bool = True,
+            target: float | None = None, on: str = "ratio") -> None:
+        """``on``: what ``target`` applies to, the ratio to the reference or the value itself."""
         ratio = None
         if ours is not None and ref:
             ratio = ours / ref if higher_better else ref / ours
-        out.append(f"{name:<42} {_fmt(ours, spec):>14} {_fmt(ref, spec):>14} {_fmt(ratio, '.2f'):>7}")
+        status, goal = "", ""
+        if target is not None:
+            value = ratio if on == "ratio" else ours
+            goal = f"{'ratio ' if on == 'ratio' else ''}>= {target:g}"
+            status = "-" if value is None else ("met" if value >= target else "NOT met")
+        self.lines.append((name, _fmt(ours, spec), _fmt(ref, spec), _fmt(ratio, ".2f"), goal, status))
 
+    def render(self, notes: list[str]) -> list[str]:
+        out = ["", f"{'measurement':<52} {'visgen':>12} {'reference':>12} {'ratio':>6}  {'target':<12} status"]
+        out += [f"{n:<52} {a:>12} {b:>12} {r:>6}  {g:<12} {st}".rstrip() for n, a, b, r, g, st in self.lines]
+        return out + [f"note: {n}" for n in notes]
+
+
+def lm_table(rows: list[dict], table: Table) -> None:
+    """The lines of (a), (b) and (c) from the measurement rows (live, or read back from the JSONL)."""
+    env = find(rows, what="env") or {}
+    decode_targets = set(env.get("decode_target_prompts") or ())
+    images_target = env.get("images_target_prompts")
     for compiled in (False, True):
-        ours = record.find(source="visgen", what="train", compiled=compiled)
-        ref = record.find(source="ref", what="train", compiled=compiled)
+        ours = find(rows, source="visgen", what="train", compiled=compiled)
+        ref = find(rows, source="ref", what="train", compiled=compiled)
         tag = "compiled" if compiled else "eager"
         if ours or ref:
-            line(f"train {tag}: tokens/s", ours and ours["tokens_per_s"], ref and ref["tokens_per_s"], ",.0f")
-            line(f"train {tag}: MFU", ours and ours["mfu"], ref and ref["mfu"], ".3f")
-    for p in s.prompts:
-        ref = record.find(source="ref", what="decode_kvcache_graphs", prompts=p)
-        for mode in ("eager", "compiled"):
-            ours = record.find(source="visgen", what="generate", mode=mode, prompts=p)
-            if not ours and not ref:
+            table.add(f"train {tag}: tokens/s", ours and ours["tokens_per_s"], ref and ref["tokens_per_s"], ",.0f",
+                      target=None if compiled else TARGETS["train_eager_ratio"])
+            table.add(f"train {tag}: MFU", ours and ours["mfu"], ref and ref["mfu"], ".3f",
+                      target=TARGETS["train_mfu"] if compiled else None, on="value")
+    prompts = sorted({r["prompts"] for r in rows if r.get("what") in ("generate", "generate_legacy")})
+    for p in prompts:
+        ref = find(rows, source="ref", what="decode_kvcache_graphs", prompts=p)
+        for mode in ("eager", "legacy", "compiled"):
+            ours = find(rows, source="visgen", what="generate_legacy" if mode == "legacy" else "generate", mode=mode,
+                        prompts=p)
+            if not ours:
                 continue
             r = ref if mode == "compiled" else None
-            line(f"decode {p} prompts x2 CFG, {mode}: ms/step", ours and ours["ms_per_step"],
-                 r and r.get("ms_per_step"), ".3f", higher_better=False)
-            line(f"  transformer only: images/s", ours and ours["lm_images_per_s"], r and r.get("images_per_s"), ".1f")
-            if ours:
-                line(f"  + VQ decode to {ours['image_px'][0]} px: images/s", ours["images_per_s"], None, ".1f")
-    big = record.find(source="visgen", what="generate", mode="compiled", prompts=max(s.prompts))
-    if big:
-        ok = big["images_per_s"] >= 200
-        out.append(f"target: >= 200 images/s per GPU at {max(s.prompts)} prompts, end to end: "
-                   f"{big['images_per_s']:.1f} -> {'met' if ok else 'NOT met'}")
-    out += [f"note: {n}" for n in notes]
+            rows_ = ours["rows"]
+            label = {"eager": "eager", "legacy": "before (fwd compiled)", "compiled": "compiled"}[mode]
+            table.add(f"decode {p} prompts x2 CFG, {label}: ms/step", ours["ms_per_step"], r and r.get("ms_per_step"),
+                      ".3f", higher_better=False,
+                      target=TARGETS["decode_ratio"] if mode == "compiled" and p in decode_targets else None)
+            if mode != "compiled":
+                continue
+            table.add(f"  {rows_} rows, transformer only: images/s", ours["lm_images_per_s"], r and r.get("images_per_s"),
+                      ".1f")
+            table.add(f"  + VQ decode to {ours['image_px'][0]} px: images/s", ours["images_per_s"], None, ".1f",
+                      target=TARGETS["images_per_s"] if p == images_target else None, on="value")
+
+
+def serve_ingest_table(serve: list[dict], ingest: dict | None, table: Table, notes: list[str]) -> None:
+    """bench/serve_load.py's and bench/ingest.py's JSON lines → their lines of the table."""
+    if serve:
+        ratio = [r for r in serve if "serve_over_pipeline" in r]
+        if ratio:
+            r = max(ratio, key=lambda r: r.get("concurrency", 0))
+            table.add(f"serve, concurrency {r.get('concurrency')}: images/s", r.get("serve_images_per_s"),
+                      r.get("pipeline_images_per_s"), ".1f", target=TARGETS["serve_ratio"])
+            notes.append("serve: 'reference' is the in-process Pipeline.generate at the same batch size")
+        runs = [r for r in serve if r.get("mode") == "batched"]
+        if runs:
+            r = max(runs, key=lambda r: r["concurrency"])
+            table.add(f"serve batched, concurrency {r['concurrency']}: images/s", r["images_per_s"], None, ".1f")
+        if not ratio:
+            table.add("serve / in-process Pipeline.generate, conc. 64", None, None, target=TARGETS["serve_ratio"])
+            notes.append("serve: bench/serve_load.py printed no 'serve_over_pipeline' line (item 3 adds the GPU "
+                         "replica and the in-process comparison)")
+    if ingest:
+        cpus = ingest.get("cpus")
+        table.add(f"ingest {cpus} CPUs, visgen / webdataset+DataLoader", ingest.get("a_over_b"), None, ".2f",
+                  target=TARGETS["ingest_over_webdataset"], on="value")
+        table.add(f"ingest {cpus} CPUs, visgen / (tight loop x cores)", ingest.get("a_over_c"), None, ".2f",
+                  target=TARGETS["ingest_over_tight_loop"], on="value")
+
+
+def summary_table(record: Recorder, s: Sizes, notes: list[str]) -> list[str]:
+    table = Table()
+    lm_table(record.rows, table)
+    return table.render(notes)
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The JSON objects among a file's lines (a log mixes them with text); none for a missing file."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
     return out
+
+
+def report(out_dir: str, wall_s: float | None = None, failed: list[str] = ()) -> list[str]:
+    """The one table of bench/gpu_all.sh, from what its steps left in ``out_dir``: gpu_lm.jsonl,
+    serve_load.log, ingest.log (each optional)."""
+    d = Path(out_dir)
+    rows = read_json_lines(d / "gpu_lm.jsonl")
+    env = find(rows, what="env") or {}
+    table, notes = Table(), []
+    if env.get("dry_run"):
+        notes.append("dry run: tiny sizes on CPU; the numbers only show that every path runs, the status column "
+                     "is not a verdict")
+    lm_table(rows, table)
+    ingest = [r for r in read_json_lines(d / "ingest.log") if "cpus" in r and "images" in r]
+    serve_ingest_table(read_json_lines(d / "serve_load.log"), ingest[-1] if ingest else None, table, notes)
+    if wall_s is not None:
+        table.add("bench/gpu_all.sh wall time: s", wall_s, None, ".0f", higher_better=False)
+        ok = wall_s <= TARGETS["wall_s"]
+        table.lines[-1] = (*table.lines[-1][:4], f"<= {TARGETS['wall_s']:g}", "met" if ok else "NOT met")
+    if env:
+        notes.append(f"device: {env.get('device')}, torch {env.get('torch')}, LM preset {env.get('gpt_preset')}")
+    if find(rows, source="ref", what="decode_kvcache_graphs"):
+        notes.append("reference decode: greedy, no CFG mix, no VQ; visgen's: CFG 4, full-vocabulary sampling")
+    notes += [f"step FAILED: {name} (see its log in {d})" for name in failed]
+    return table.render(notes)
 
 
 def main(argv_: list[str] | None = None) -> list[dict]:
@@ -399,12 +537,24 @@ def main(argv_: list[str] | None = None) -> list[dict]:
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of (b); 1 turns CFG off")
     p.add_argument("--vq-channels-last", action="store_true", help="run the VQ decoder in channels_last memory format")
     p.add_argument("--dropout", type=float, help="training dropout (default: the preset's, 0.1; 0 matches the reference)")
-    p.add_argument("--prompts", help="comma-separated prompt counts of (b) and (c) (default 8,64)")
+    p.add_argument("--prompts", help="comma-separated prompt counts of (b) and (c) (default 8,64,256)")
+    p.add_argument("--compile-mode", help="VisGPT.compile_decode mode of (b) (default reduce-overhead: CUDA graphs; "
+                   "or max-autotune-no-cudagraphs, default, ...)")
+    p.add_argument("--legacy", action="store_true", help="(b) also times the loop before the captured step, with "
+                   "only forward_step compiled (bench/lm_decode.py keeps it): the before/after in one process")
+    p.add_argument("--report", metavar="DIR", help="measure nothing: print bench/gpu_all.sh's one table from the "
+                   "outputs in DIR (gpu_lm.jsonl, serve_load.log, ingest.log)")
+    p.add_argument("--wall-s", type=float, help="with --report: the whole check's wall time, against its target")
+    p.add_argument("--failed", default="", help="with --report: comma-separated steps that failed")
     p.add_argument("--train-steps", type=int, help="timed training steps (default 20)")
     p.add_argument("--gen-repeats", type=int, help="timed generations per setting; the median counts (default 3)")
     p.add_argument("--jsonl", default=os.path.join(os.environ["OUT"], "gpu_lm.jsonl") if os.environ.get("OUT") else None,
                    help="also append the JSON lines here (default: $OUT/gpu_lm.jsonl when $OUT is set)")
     args = p.parse_args(argv_)
+    if args.report:
+        for line in report(args.report, args.wall_s, [f for f in args.failed.split(",") if f]):
+            print(line)
+        return []
 
     import torch
 
@@ -423,8 +573,11 @@ def main(argv_: list[str] | None = None) -> list[dict]:
         s = replace(s, prompts=prompts)
     if args.dropout is not None:
         s = replace(s, dropout=args.dropout)
+    if args.compile_mode:
+        s = replace(s, compile_mode=args.compile_mode)
     if args.dry_run:
         device = "cpu"
+        torch.set_num_threads(1)  # tiny shapes: a second thread only adds OpenMP waits on a shared CPU
     elif not torch.cuda.is_available():
         p.error("no CUDA device: this benchmark measures a GPU (torch.cuda.is_available() is False). "
                 "Run it on a GPU machine, or use --dry-run to check every code path on CPU at tiny sizes.")
@@ -448,7 +601,9 @@ def main(argv_: list[str] | None = None) -> list[dict]:
 
     record = Recorder(args.jsonl)
     record(what="env", device=torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
-           torch=torch.__version__, gpt_preset=s.gpt_preset, vq_preset=s.vq_preset, dry_run=args.dry_run)
+           torch=torch.__version__, gpt_preset=s.gpt_preset, vq_preset=s.vq_preset, dry_run=args.dry_run,
+           compile_mode=s.compile_mode, compile_backend=s.compile_backend,
+           decode_target_prompts=list(s.decode_target_prompts), images_target_prompts=s.images_target_prompts)
     t_start = time.perf_counter()
     # Training first (ours, then the reference's), the decode compiles after.
     if "train" in only:
@@ -460,7 +615,7 @@ def main(argv_: list[str] | None = None) -> list[dict]:
         else:
             bench_ref_train(ref, record)
     if "gen" in only:
-        bench_generate(s, device, args.cfg_scale, record, args.vq_channels_last)
+        bench_generate(s, device, args.cfg_scale, record, args.vq_channels_last, legacy=args.legacy)
     if ref is not None and not args.dry_run:
         bench_ref_decode(ref, s, record)
     if ref is not None:

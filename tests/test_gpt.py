@@ -273,23 +273,15 @@ def test_rmsnorm_takes_the_fused_kernel_under_bf16_autocast():
     assert norm(x.float()).dtype == torch.float32 and "weight" in norm.state_dict()  # fp32 path and checkpoints unchanged
 
 
-def _captured_text_regions(model, monkeypatch):
-    """The i2t text regions of the last generate_text call, read off the sequence it decoded."""
-    seen = {}
-    step = model._step
-
-    def spy(seq, pos, task, use_cache, prefill):
-        seen["seq"] = seq
-        return step(seq, pos, task, use_cache, prefill)
-
-    monkeypatch.setattr(model, "_step", spy)
-    return lambda: seen["seq"][:, model.layout.i2t_text]
+def _captured_text_regions(model):
+    """The i2t text regions of the last generate_text call, read off the decode state it wrote."""
+    return lambda: model.decode_state.seq[:, model.layout.i2t_text]
 
 
-def test_a_requested_language_is_forced_in_the_language_slot(model, monkeypatch):
+def test_a_requested_language_is_forced_in_the_language_slot(model):
     image = torch.randint(0, CODES, (4, 16), generator=torch.Generator().manual_seed(5))
     seeds = torch.arange(4)
-    regions = _captured_text_regions(model, monkeypatch)
+    regions = _captured_text_regions(model)
     with torch.no_grad():  # make the model prefer <zh> by far when it chooses
         saved = model.head.weight.clone()
         model.head.weight[ZH] += 50.0
@@ -333,3 +325,126 @@ def test_a_model_saved_before_the_language_tokens_is_refused(model, tmp_path):
     (tmp_path / "lm" / "lm.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"'visgen-lm/1'.*older visgen.*visgen train lm"):
         load_gpt(tmp_path / "lm")
+
+
+# ---------------------------------------------------------------------------------------------
+# The captured decode step (issue 13): the same tokens as the per-token loop it replaced
+# ---------------------------------------------------------------------------------------------
+def _legacy():
+    """bench/lm_decode.py keeps the pre-issue-13 decode loop, verbatim, as its baseline."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "bench_lm_decode_legacy"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "bench" / "lm_decode.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def _fresh_model() -> VisGPT:
+    """The fixture's model, built anew: compile_decode() changes the model it is called on."""
+    torch.manual_seed(0)
+    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    with torch.no_grad():
+        m.head.weight.mul_(20)
+    return m.eval()
+
+
+IMAGE_SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "greedy_cfg": dict(temperature=0.0, cfg_scale=3.0),
+    "sampled": dict(temperature=1.0),
+    "sampled_cfg_top_k": dict(cfg_scale=2.5, top_k=20),
+    "sampled_cfg_top_p": dict(cfg_scale=4.0, temperature=0.7, top_p=0.8),
+    "top_k_top_p_prefix": dict(cfg_scale=2.0, top_k=30, top_p=0.9, temperature=1.3, prefix=5),
+}
+
+
+@pytest.mark.parametrize("setting", list(IMAGE_SETTINGS))
+def test_decode_step_emits_the_legacy_loops_image_codes(model, setting):
+    kw = dict(IMAGE_SETTINGS[setting])
+    text, seeds = _texts(model, 5), torch.tensor([3, 1 << 40, 7, 8, 9])  # a seed above 2**32 too
+    if "prefix" in kw:
+        kw["prefix"] = torch.randint(0, CODES, (5, kw["prefix"]), generator=torch.Generator().manual_seed(4))
+    want = _legacy().legacy_generate_images(model, text, seeds, **kw)
+    assert torch.equal(model.generate_images(text, seeds, **kw), want)
+
+
+CAPTION_SETTINGS = {
+    "greedy_auto": dict(temperature=0.0),
+    "greedy_forced_blocked": dict(temperature=0.0, language=["en", "zh", "auto", "en", "zh", "auto"], blocked=True),
+    "sampled_auto_top_k": dict(temperature=1.5, top_k=40),
+    "sampled_forced_top_p": dict(temperature=1.0, top_p=0.9, language="zh", blocked=True),
+    "sampled_all": dict(temperature=2.0, top_k=100, top_p=0.95, language=["auto", "en"] * 3),
+}
+
+
+@pytest.mark.parametrize("setting", list(CAPTION_SETTINGS))
+def test_decode_step_writes_the_legacy_loops_captions(model, setting):
+    kw = dict(CAPTION_SETTINGS[setting])
+    image = torch.randint(0, CODES, (6, 16), generator=torch.Generator().manual_seed(7))
+    seeds = torch.arange(6) * 13
+    if kw.get("blocked"):  # per-row tables, as a tokenizer's other-script tables would be
+        blocked = torch.zeros(6, TEXT_VOCAB, dtype=torch.bool)
+        blocked[::2, 10:150] = True
+        blocked[1::2, 200:] = True
+        kw["blocked"] = blocked
+    want, want_region = _legacy().legacy_generate_text(model, image, seeds, **kw)
+    got = model.generate_text(image, seeds, **kw)
+    assert got == want and any(got)
+    assert torch.equal(model.decode_state.seq[:, model.layout.i2t_text], want_region)  # <lang>, text, <eos>, <pad>s
+
+
+def test_decode_state_keeps_its_buffers_between_generations(model):
+    """Fixed addresses: what lets a CUDA graph replay the step; a new row count reallocates."""
+    text, seeds = _texts(model, 2), torch.tensor([1, 2])
+    model.generate_images(text, seeds, cfg_scale=2.0)
+    ptrs = {n: b.data_ptr() for n, b in model.decode_state.named_buffers()}
+    model.generate_images(text.flip(0), seeds + 5, cfg_scale=3.0, temperature=0.5, top_p=0.7)
+    assert {n: b.data_ptr() for n, b in model.decode_state.named_buffers()} == ptrs
+    model.generate_text(torch.zeros(4, 16, dtype=torch.long), torch.arange(4))  # 4 rows, as the guided 2 x 2
+    assert {n: b.data_ptr() for n, b in model.decode_state.named_buffers()} == ptrs
+    model.generate_images(text, seeds)  # 2 rows: a new state
+    assert model.decode_state.seq.shape[0] == 2
+    model.clear_cache()
+    assert model.decode_state is None and model.blocks[0].attn.kv_cache is None
+
+
+def test_compiled_step_is_one_graph_per_structure_and_matches_eager():
+    """``fullgraph=True`` proves the step has no graph break (no host sync, no Python branch on a
+    device value); the counting backend proves new sampling values reuse the graph."""
+    m = _fresh_model()
+    text, seeds = _texts(m, 3), torch.tensor([5, 6, 7])
+    image = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(2))
+    runs = [dict(cfg_scale=2.5, top_k=20, top_p=0.9), dict(cfg_scale=4.0, top_k=20, top_p=0.7, temperature=0.6)]
+    caps = [dict(temperature=1.0, top_k=30, language="en"),
+            dict(temperature=0.5, top_k=30, language=["zh", "auto", "en"])]
+    want = [m.generate_images(text, seeds, **kw) for kw in runs] + [m.generate_text(image, seeds, **kw) for kw in caps]
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # run the captured graph as is: no code generation on CPU
+
+    m.compile_decode(backend=counting)
+    assert m.decode_compiled
+    got = [m.generate_images(text, seeds, **kw) for kw in runs]
+    assert len(graphs) == 1  # the second run's new cfg_scale / temperature / top_p reused the graph
+    got += [m.generate_text(image, seeds, **kw) for kw in caps]
+    assert len(graphs) == 2  # one for the text step, whatever the languages
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(got, want))
+
+
+@pytest.mark.slow  # inductor builds C++ kernels: ~20 s with a warm inductor cache, ~70 s cold on two busy cores
+def test_inductor_compiled_step_matches_eager():
+    m = _fresh_model()
+    text, seeds = _texts(m, 2), torch.tensor([11, 12])
+    kw = dict(cfg_scale=3.0, top_k=20, temperature=0.9)
+    want = m.generate_images(text, seeds, **kw)
+    m.compile_decode(mode=None)  # CPU: no CUDA graphs
+    assert torch.equal(m.generate_images(text, seeds, **kw), want)

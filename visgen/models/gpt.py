@@ -29,10 +29,13 @@ against text ids only (the specials other than ``<eos>`` excluded; the language 
 language tokens only), so the model never spends probability on the wrong modality, and sampling
 applies the same restriction.
 
-Generation keeps a static KV cache in module buffers (``setup_cache``): shapes never change
-between decode steps, so ``torch.compile(mode="reduce-overhead")`` can capture the step as a
-CUDA graph. Sampling noise is a counter-based hash of (seed, step, token id) per row, so a seed
-gives the same output whatever else shares the batch (CFG doubling, serving batches).
+Generation keeps a static KV cache and a decode state (the sequences, the position, the step
+counter, the seeds and sampling values) in module buffers. One decode step is one function over
+them, from the token just written to the next one written (head, guidance, temperature,
+top-k / top-p, noise, argmax, the write and the position), with no host input and fixed shapes,
+so ``compile_decode()`` captures it whole (a CUDA graph with ``reduce-overhead``). Sampling noise
+is a counter-based hash of (seed, step, token id) per row (:mod:`visgen.models.sampling`), so a
+seed gives the same output whatever else shares the batch (CFG doubling, serving batches).
 
 Pure PyTorch: no Ray, no MLflow.
 """
@@ -52,6 +55,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from visgen.config import Section, SpecError, validate_section
+from visgen.models.sampling import (  # noqa: F401 - sample, uniform_noise: re-exported for callers of gpt
+    check_sampling, guide, pick, sample, uniform_noise,
+)
 from visgen.text.tokenizer import LANGUAGE_TOKENS, SPECIAL_TOKENS
 
 SPECIAL = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -258,6 +264,60 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class DecodeState(nn.Module):
+    """What a decode step reads and writes besides the KV cache, as buffers at fixed addresses:
+    the compiled step updates them in place, so a token needs no host input and a CUDA graph can
+    replay the step. One per batch of ``rows`` sequences, reused while the row count fits."""
+
+    def __init__(self, rows: int, length: int, text_vocab: int, device):
+        super().__init__()
+        long = dict(dtype=torch.long, device=device)
+        f32 = dict(dtype=torch.float32, device=device)  # sampling values: the logits are sampled in fp32
+        for name, t in {
+            "seq": torch.zeros(rows, length, **long),  # (B', L) the sequences being written
+            "pos": torch.zeros(1, **long),  # the slot of the token the next step reads
+            "step": torch.zeros((), **long),  # image code / text slot index of the next token: the noise counter
+            "seeds": torch.zeros(rows, **long),  # (B',); a guided batch repeats its B seeds
+            "task": torch.zeros(rows, **long),  # (B',) TASK_T2I / TASK_I2T
+            "cfg_scale": torch.ones((), **f32),
+            "temperature": torch.ones((), **f32),
+            "top_p": torch.ones((), **f32),
+            "forced": torch.zeros(rows, **long),  # (B,) captions: the requested language token, -1 = the model's choice
+            "blocked": torch.zeros(rows, text_vocab, dtype=torch.bool, device=device),  # (B, V_text) captions
+            "done": torch.zeros(rows, dtype=torch.bool, device=device),  # (B,) captions: <eos> written
+        }.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def fits(self, rows: int, device) -> bool:
+        return self.seq.shape[0] == rows and self.seq.device == torch.device(device) \
+            and self.temperature.dtype == torch.float32  # a later model.to(dtype) casts buffers too
+
+    def start(self, seq: torch.Tensor, task: int, seeds: torch.Tensor, *, pos: int, step: int, temperature: float,
+              top_p: float, cfg_scale: float = 1.0, forced: torch.Tensor | None = None,
+              blocked: torch.Tensor | None = None) -> None:
+        """Load a new batch (copies and fills: no buffer is replaced)."""
+        self.seq.copy_(seq)
+        self.task.fill_(task)
+        self.seeds.copy_(seeds)
+        self.pos.fill_(pos)
+        self.step.fill_(step)
+        self.cfg_scale.fill_(cfg_scale)
+        self.temperature.fill_(temperature)
+        self.top_p.fill_(top_p)
+        self.done.zero_()
+        if forced is not None:
+            self.forced.copy_(forced)
+        if blocked is not None:
+            self.blocked.copy_(blocked)  # (V_text,) broadcasts to every row
+
+
+def _plan(temperature: float, top_k: int, top_p: float, vocab: int) -> dict:
+    """The structural switches of :func:`visgen.models.sampling.pick` for these sampling values:
+    what selects a compiled graph (a no-op filter normalised away, so it selects none of its own)."""
+    greedy = temperature == 0
+    return dict(greedy=greedy, top_k=0 if greedy or top_k >= vocab else top_k, nucleus=not greedy and top_p < 1.0)
+
+
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` whose weight follows the input's dtype. Under bf16 autocast q and k arrive in
     bf16 while the weight stays fp32; the mixed pair cannot use the fused kernel (PyTorch falls
@@ -353,6 +413,8 @@ class VisGPT(nn.Module):
         i2t = blocked[None].repeat(self.layout.text_slots, 1)
         i2t[0] = lang_only
         self.register_buffer("i2t_blocked", i2t, persistent=False)  # (S, V_text), per i2t text slot
+        self.decode_state: DecodeState | None = None  # allocated by the first generation
+        self._compiled_steps: dict = {}  # compile_decode(): {"image": fn, "text": fn}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -461,6 +523,13 @@ class VisGPT(nn.Module):
         return total, logs
 
     # -- incremental decoding ---------------------------------------------------------------------
+    # A generation is a prefill over the prompt (eager: its length varies) that emits the first
+    # token, then one decode step per further token. The step is one function over the buffers of
+    # the KV cache and of DecodeState: it reads the token just written, runs it through the
+    # cache, turns the hidden state into logits of the right head, mixes guidance, samples, writes
+    # the token and advances the position and the step counter, all in place on the device. No
+    # host value enters it and its shapes never change, so compile_decode() compiles it once per
+    # batch size and sampling structure (a CUDA graph on GPU with "reduce-overhead").
     def setup_cache(self, batch: int, device=None, dtype: torch.dtype | None = None) -> None:
         """(Re)allocate the static KV cache for ``batch`` sequences; a no-op when it already fits."""
         p = self.head.weight
@@ -472,13 +541,30 @@ class VisGPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch, self.cfg.n_head, self.layout.length, self.cfg.head_dim, dtype, device)
 
-    def compile_decode(self, mode: str = "reduce-overhead") -> None:
-        """``torch.compile`` the one-token decode step (GPU: CUDA graphs over the static cache)."""
-        self._decode_step = torch.compile(self.forward_step, mode=mode, fullgraph=True, dynamic=False)
+    def compile_decode(self, mode: str | None = "reduce-overhead", *, backend: str = "inductor") -> None:
+        """``torch.compile`` the whole one-token decode steps (:meth:`decode_image_step`,
+        :meth:`decode_text_step`); generation uses them from then on. On a GPU ``reduce-overhead``
+        replays each step as one CUDA graph; ``max-autotune-no-cudagraphs`` tunes kernels without
+        graphs. ``backend`` other than inductor (``eager``, ``aot_eager``: tracing and the
+        ``fullgraph`` check without code generation) ignores ``mode``. Without this call the same
+        steps run eagerly."""
+        kw: dict = dict(fullgraph=True, dynamic=False, backend=backend)
+        if backend == "inductor" and mode:
+            kw["mode"] = mode
+        self._compiled_steps = {"image": torch.compile(self.decode_image_step, **kw),
+                                "text": torch.compile(self.decode_text_step, **kw)}
+
+    @property
+    def decode_compiled(self) -> bool:
+        """Whether :meth:`compile_decode` was called (generation runs the compiled steps)."""
+        return bool(self._compiled_steps)
 
     def clear_cache(self) -> None:
+        """Drop the KV cache and the decode state (the compiled steps stay, and recompile on the next
+        generation if its buffers are new)."""
         for block in self.blocks:
             block.attn.kv_cache = None
+        self.decode_state = None
 
     def forward_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, s) at slots ``input_pos`` (s,) through the cache → hidden (B, s, d)."""
@@ -488,14 +574,83 @@ class VisGPT(nn.Module):
             x = block(x, input_pos, mask)
         return self.norm(x)
 
-    def _step(self, seq: torch.Tensor, pos: int, task: torch.Tensor, use_cache: bool, prefill: bool) -> torch.Tensor:
-        """Hidden state at slot ``pos`` (B, d), given ``seq[:, :pos + 1]``."""
-        if not use_cache:
-            return self.hidden(seq[:, : pos + 1], task)[:, -1]
-        if prefill:
-            return self.forward_step(seq[:, : pos + 1], torch.arange(pos + 1, device=seq.device), task)[:, -1]
-        step_fn = getattr(self, "_decode_step", None) or self.forward_step
-        return step_fn(seq[:, pos: pos + 1], torch.tensor([pos], device=seq.device), task)[:, -1]
+    def decode_image_step(self, guided: bool, greedy: bool, top_k: int, nucleus: bool) -> None:
+        """One image code for every row of :attr:`decode_state`, in place (what ``compile_decode``
+        compiles): the token at ``pos`` through the cache, then :meth:`_emit_image`."""
+        st = self.decode_state
+        h = self.forward_step(st.seq.index_select(1, st.pos), st.pos, st.task)[:, -1]  # (B', d)
+        self._emit_image(h, guided=guided, greedy=greedy, top_k=top_k, nucleus=nucleus)
+
+    def decode_text_step(self, greedy: bool, top_k: int, nucleus: bool) -> None:
+        """One caption token for every row of :attr:`decode_state`, in place (see :meth:`_emit_text`)."""
+        st = self.decode_state
+        h = self.forward_step(st.seq.index_select(1, st.pos), st.pos, st.task)[:, -1]  # (B, d)
+        self._emit_text(h, greedy=greedy, top_k=top_k, nucleus=nucleus)
+
+    def _emit_image(self, h: torch.Tensor, *, guided: bool, greedy: bool, top_k: int, nucleus: bool) -> None:
+        """Hidden states at ``pos`` (B', d) → the next image code of each prompt, written at ``pos + 1``
+        (the null-prompt half of a guided batch gets the same code)."""
+        st = self.decode_state
+        logits = self.image_logits(h).float()  # (B', K)
+        if guided:
+            logits = guide(logits, st.cfg_scale)  # (B, K)
+        b = logits.shape[0]
+        code = pick(logits, st.seeds[:b], st.step, st.temperature, st.top_p,
+                    greedy=greedy, top_k=top_k, nucleus=nucleus)  # (B,)
+        self._advance((code.repeat(2) if guided else code) + self.cfg.text_vocab)
+
+    def _emit_text(self, h: torch.Tensor, *, greedy: bool, top_k: int, nucleus: bool) -> None:
+        """Hidden states at ``pos`` (B, d) → the next caption token, written at ``pos + 1``. Step 0 is
+        the language slot (the language tokens only, or the forced one), the last slot can only
+        close the text, and a row past its ``<eos>`` gets ``<pad>``. Every branch is a ``where`` on
+        the step counter, so all slots share one graph."""
+        st = self.decode_state
+        lang_slot = st.step == 0
+        blocked = torch.where(lang_slot, self.lang_blocked, st.blocked)  # (B, V_text)
+        logits = self.text_logits(h, blocked).float()
+        tok = pick(logits, st.seeds, st.step, st.temperature, st.top_p, greedy=greedy, top_k=top_k, nucleus=nucleus)
+        tok = torch.where(lang_slot & (st.forced >= 0), st.forced, tok)
+        tok = torch.where(st.step == self.layout.text_slots - 1, EOS, tok)
+        tok = torch.where(st.done, PAD, tok)
+        self._advance(tok)
+        st.done.logical_or_(tok == EOS)
+
+    def _advance(self, tok: torch.Tensor) -> None:
+        """Write ``tok`` (B',) at slot ``pos + 1`` and move ``pos`` and ``step`` on by one."""
+        st = self.decode_state
+        st.seq.index_copy_(1, st.pos + 1, tok[:, None])
+        st.pos.add_(1)
+        st.step.add_(1)
+
+    def _decode_state(self, rows: int, device) -> DecodeState:
+        st = self.decode_state
+        if st is None or not st.fits(rows, device):
+            self.decode_state = st = DecodeState(rows, self.layout.length, self.cfg.text_vocab, device)
+        return st
+
+    def _decode(self, emit, step, start: int, n_tokens: int, use_cache: bool, plan: dict,
+                stop_when_done: bool = False) -> None:
+        """Emit ``n_tokens`` tokens into :attr:`decode_state`, whose ``pos`` is ``start``: the prefill
+        ``seq[:, :start + 1]`` gives the first, ``step`` each further one. Without the cache every
+        token reruns the whole causal forward (the reference path the cache is tested against)."""
+        st = self.decode_state
+        if use_cache:
+            self.setup_cache(st.seq.shape[0])
+            prompt = st.seq[:, : start + 1]
+            h = self.forward_step(prompt, torch.arange(start + 1, device=prompt.device), st.task)[:, -1]
+        else:
+            h = self.hidden(st.seq[:, : start + 1], st.task)[:, -1]
+        emit(h, **plan)
+        # Stopping once every caption has closed needs the device's answer: on CPU that costs
+        # nothing, on a GPU a sync per token would stall the queue, so ask every 8 tokens.
+        every = 1 if st.seq.device.type == "cpu" else 8
+        for i in range(1, n_tokens):
+            if stop_when_done and i % every == 0 and bool(st.done.all()):
+                break
+            if use_cache:
+                step(**plan)
+            else:
+                emit(self.hidden(st.seq[:, : start + i + 1], st.task)[:, -1], **plan)
 
     @torch.no_grad()
     def generate_images(self, text: torch.Tensor, seeds: torch.Tensor, *, cfg_scale: float = 1.0,
@@ -508,31 +663,30 @@ class VisGPT(nn.Module):
         (raster order: whole rows above a cut) and samples the rest: completion / editing.
         ``seeds`` (B,) int64: row i's samples depend only on seeds[i] and its own logits.
         """
+        check_sampling(temperature, top_k, top_p)
         lay, dev = self.layout, self.head.weight.device
         b = text.shape[0]
+        if tuple(seeds.shape) != (b,):
+            raise ValueError(f"one seed per row: {tuple(seeds.shape)} seeds for {b} rows")
         p = 0 if prefix is None else prefix.shape[1]
         if not 0 <= p <= lay.n_image:
             raise ValueError(f"prefix has {p} codes; the image has {lay.n_image}")
         guided = cfg_scale != 1.0
-        rows = torch.cat([text, self._null_text(b, dev)]) if guided else text  # (B or 2B, S)
+        rows = torch.cat([text, self._null_text(b, text.device)]) if guided else text  # (B or 2B, S)
         image = torch.zeros(rows.shape[0], lay.n_image, dtype=torch.long, device=dev)
         if p:
             image[:, :p] = prefix.repeat(2, 1) if guided else prefix
         seq = lay.t2i(rows.to(dev), image)  # (B', L); image slots after the prefix get overwritten
-        task = torch.full((seq.shape[0],), TASK_T2I, dtype=torch.long, device=dev)
-        if use_cache:
-            self.setup_cache(seq.shape[0])
+        if p == lay.n_image:
+            return seq[:b, lay.t2i_image] - lay.text_vocab
         first = lay.t2i_soi + p  # slot whose output predicts code p
-        for i in range(p, lay.n_image):
-            pos = first + (i - p)
-            h = self._step(seq, pos, task, use_cache, prefill=i == p)
-            logits = self.image_logits(h).float()  # (B', K)
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
-            code = sample(logits, seeds, i, temperature, top_k, top_p)  # (B,)
-            seq[:, pos + 1] = (code.repeat(2) if guided else code) + lay.text_vocab
-        return seq[:b, lay.t2i_image] - lay.text_vocab
+        st = self._decode_state(seq.shape[0], dev)
+        st.start(seq, TASK_T2I, seeds.repeat(2) if guided else seeds, pos=first, step=p, cfg_scale=cfg_scale,
+                 temperature=temperature, top_p=top_p)
+        plan = dict(guided=guided, **_plan(temperature, top_k, top_p, self.cfg.codebook_size))
+        step = self._compiled_steps.get("image", self.decode_image_step)
+        self._decode(self._emit_image, step, first, lay.n_image - p, use_cache, plan)
+        return st.seq[:b, lay.t2i_image] - lay.text_vocab
 
     @torch.no_grad()
     def generate_text(self, image: torch.Tensor, seeds: torch.Tensor, *, language: str | Sequence[str | None] | None = None,
@@ -546,35 +700,23 @@ class VisGPT(nn.Module):
         script of a requested language: :meth:`visgen.text.TextTokenizer.language_blocked`).
         With ``return_language`` also returns the language each row was written in.
         """
+        check_sampling(temperature, top_k, top_p)
         lay, dev = self.layout, self.head.weight.device
         b = image.shape[0]
         langs = caption_languages(language, b)
+        if tuple(seeds.shape) != (b,):
+            raise ValueError(f"one seed per row: {tuple(seeds.shape)} seeds for {b} rows")
         forced = torch.tensor([LANG_IDS.get(lang, -1) for lang in langs], dtype=torch.long, device=dev)
         text_mask = self.text_blocked if blocked is None else self.text_blocked | blocked.to(dev, torch.bool)
         filler = torch.full((b, lay.text_slots), PAD, dtype=torch.long, device=dev)
-        seq = lay.i2t(image.to(dev), filler)
-        task = torch.full((b,), TASK_I2T, dtype=torch.long, device=dev)
-        if use_cache:
-            self.setup_cache(b)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        last = lay.text_slots - 1
-        for j in range(lay.text_slots):
-            pos = lay.i2t_eoi + j
-            h = self._step(seq, pos, task, use_cache, prefill=j == 0)
-            if j == 0:  # the language slot: forced, or the model's choice among the language tokens
-                tok = torch.where(forced >= 0, forced, sample(self.text_logits(h, self.lang_blocked).float(), seeds, j,
-                                                              temperature, top_k, top_p))
-            elif j == last:  # the last slot can only close the text
-                tok = torch.full((b,), EOS, dtype=torch.long, device=dev)
-            else:
-                tok = sample(self.text_logits(h, text_mask).float(), seeds, j, temperature, top_k, top_p)
-            tok = torch.where(done, torch.full_like(tok, PAD), tok)
-            seq[:, pos + 1] = tok
-            done |= tok == EOS
-            if bool(done.all()):
-                break
+        st = self._decode_state(b, dev)
+        st.start(lay.i2t(image.to(dev), filler), TASK_I2T, seeds, pos=lay.i2t_eoi, step=0, temperature=temperature,
+                 top_p=top_p, forced=forced, blocked=text_mask)
+        step = self._compiled_steps.get("text", self.decode_text_step)
+        plan = _plan(temperature, top_k, top_p, self.cfg.text_vocab)
+        self._decode(self._emit_text, step, lay.i2t_eoi, lay.text_slots, use_cache, plan, stop_when_done=True)
         out = []
-        region = seq[:, lay.i2t_text]
+        region = st.seq[:, lay.i2t_text]
         for row in region[:, 1:].tolist():
             out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
         if not return_language:
@@ -592,60 +734,6 @@ class VisGPT(nn.Module):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors (multipliers < 2**31, so nothing overflows int64)."""
-    x = x & _M32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _M32
-    return x ^ (x >> 16)
-
-
-def uniform_noise(seeds: torch.Tensor, step: int, ids: int | torch.Tensor) -> torch.Tensor:
-    """Uniforms in (0, 1) for token ids ``ids`` ((B, k) tensor, or an int n for ids 0..n-1 in every
-    row): a pure function of (seeds[b], step, id), so filtering the candidates never changes the
-    noise a token gets."""
-    if isinstance(ids, int):
-        ids = torch.arange(ids, device=seeds.device, dtype=torch.long)[None, :]
-    seeds = seeds.long()[:, None]
-    hi = _mix32((seeds >> 32) + 0x632BE5AB)
-    key = _mix32((seeds & _M32) * 0x5BD1E995 + hi + _mix32(torch.tensor(step, device=seeds.device) * 0x27D4EB2F + 1))
-    x = _mix32(key ^ _mix32(ids.long() + 0x1B873593))
-    return (x.double() + 0.5) / 4294967296.0
-
-
-def sample(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """One id per row of ``logits`` (B, V): greedy at temperature 0, else top-k / top-p filtered
-    sampling by the Gumbel-max trick with per-row counter-based noise (drawn only for the
-    candidates that survive top-k)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    if seeds.shape != logits.shape[:1]:
-        raise ValueError(f"one seed per row: {tuple(seeds.shape)} seeds for {logits.shape[0]} rows")
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    ids = None  # candidate token ids per row when filtered, (B, k)
-    if 0 < top_k < logits.shape[-1]:
-        logits, ids = logits.topk(top_k, dim=-1)  # sorted, descending
-    if top_p < 1.0:
-        if ids is None:
-            logits, ids = logits.sort(dim=-1, descending=True)
-        probs = logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop, float("-inf"))
-    noise = uniform_noise(seeds, step, ids if ids is not None else logits.shape[-1])
-    choice = (logits - torch.log(-torch.log(noise)).float()).argmax(-1)
-    return ids.gather(1, choice[:, None])[:, 0] if ids is not None else choice
 
 
 # ---------------------------------------------------------------------------------------------
