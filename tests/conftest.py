@@ -28,7 +28,7 @@ def ray_session():
 # jobs through child processes (their own `ray start` head, `ray job submit`, `jobs/*.py`) and
 # spend much of their time waiting on them, so they run on one worker while every other test runs
 # on the other, in file order, sharing that worker's one Ray instance.
-STANDALONE_MODULES = {"test_e2e_pipeline.py", "test_own_data.py"}
+STANDALONE_MODULES = {"test_e2e_pipeline.py", "test_own_data.py", "test_two_nodes.py"}
 
 
 def pytest_collection_modifyitems(config, items):

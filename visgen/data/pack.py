@@ -65,14 +65,13 @@ from visgen.data.ingest import (
     write_quarantine,
 )
 from visgen.data.images import IMAGE_FORMATS, load_rgb, open_image
-from visgen.data.webdataset_source import RawSample
+from visgen.data.webdataset_source import RawSample, write_tar_member
 
 log = logging.getLogger(__name__)
 
 PACK_VERSION = 1  # bump when the bytes written for the same plan change
 MANIFEST_NAME = "_pack_manifest.json"
 QUARANTINE_DIRNAME = "_quarantine"
-_TAR_MTIME = 1_577_836_800  # fixed member mtime: the same plan writes byte-identical tars
 _INGEST_DEFAULTS = IngestConfig.model_fields
 # Files that may be listed as images: anything ingest cannot read is listed anyway and then
 # quarantined as image_decode_error, so a folder of BMPs is reported, not silently empty.
@@ -584,13 +583,6 @@ class _ParquetImages:
         return cell
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
 
 @dataclass
 class ShardResult:
@@ -670,9 +662,9 @@ def write_shard(cfg: PackConfig, index: int, num_shards: int, samples: list[Plan
             width, height = open_image(data, formats=IMAGE_FORMATS).size  # header only
             meta.update(status="success", error_message=None, width=width, height=height,
                         sha256=hashlib.sha256(data).hexdigest())
-            _add(tar, f"{key}.{ext}", data)
-            _add(tar, f"{key}.txt", caption.encode("utf-8"))
-            _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+            write_tar_member(tar, f"{key}.{ext}", data)
+            write_tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
+            write_tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
             rows.append(meta)
     os.replace(tmp, final)
     write_quarantine(bad_rows, cfg.quarantine)

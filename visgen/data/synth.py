@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 
 from visgen.config import Section
 from visgen.data import captions, shapes
+from visgen.data.webdataset_source import write_tar_member
 
 log = logging.getLogger("visgen.data.synth")
 
@@ -45,7 +46,6 @@ log = logging.getLogger("visgen.data.synth")
 TaskName = Literal["single_object", "two_objects", "counting", "colors", "position", "color_attr"]
 MANIFEST_NAME = "_synth_manifest.json"
 _SUITE_TAG = 0x5EED_E7A1  # mixed into prompt_suite seeds, keeping them apart from shard samples
-_TAR_MTIME = 1_577_836_800  # 2020-01-01T00:00:00Z for every member: tars are byte-reproducible
 
 
 class SynthConfig(Section):
@@ -206,13 +206,6 @@ class ShardStats:
     languages: dict[str, int] = field(default_factory=dict)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
 
 def write_shard(cfg: SynthConfig, shard_index: int) -> ShardStats:
     """Write shard ``shard_index`` of ``cfg`` (tar + stats json) into ``cfg.output``; a plain function."""
@@ -230,9 +223,9 @@ def write_shard(cfg: SynthConfig, shard_index: int) -> ShardStats:
         for i in range(cfg.samples_per_shard):
             key = sample_key(cfg, shard_index, i)
             scene = _sample(cfg, shard_index, i, task_p)
-            _add(tar, f"{key}.jpg", encode_jpeg(shapes.render(scene), cfg.jpeg_quality))
-            _add(tar, f"{key}.txt", scene.caption.encode("utf-8"))
-            _add(tar, f"{key}.json", json.dumps(sample_json(scene, key), ensure_ascii=False,
+            write_tar_member(tar, f"{key}.jpg", encode_jpeg(shapes.render(scene), cfg.jpeg_quality))
+            write_tar_member(tar, f"{key}.txt", scene.caption.encode("utf-8"))
+            write_tar_member(tar, f"{key}.json", json.dumps(sample_json(scene, key), ensure_ascii=False,
                                                separators=(",", ":")).encode("utf-8"))
             tasks[scene.task] += 1
             languages[scene.language] += 1

@@ -1,4 +1,5 @@
-"""Reading WebDataset / img2dataset tar shards into raw samples, one bad shard at a time.
+"""Reading WebDataset / img2dataset tar shards into raw samples, one bad shard at a time (and
+:func:`write_tar_member`, how the shard writers add members reproducibly).
 
 ``ray.data.read_webdataset`` raises inside the read task on a truncated or non-tar file, which
 fails the whole dataset. This module reads tars itself so that every fault becomes a *row*:
@@ -39,8 +40,10 @@ every other extension is ignored.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -446,3 +449,15 @@ class _FailedSource:
 def _is_retryable(err: Any, ctx) -> bool:
     text = str(err)
     return any(p in text for p in (getattr(ctx, "retried_io_errors", None) or ()))
+
+
+TAR_MTIME = 1_577_836_800  # 2020-01-01T00:00:00Z for every member written: the same input gives byte-identical tars
+
+
+def write_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one member with fixed metadata (mtime, mode, owner), so shards are byte-reproducible."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,145 @@
+"""Two Ray nodes on one machine, as on a cluster: `ray start --head` and `ray start --address`, each
+with its own temp dir, CPUs and a resource naming it. The image tokenizer trains with 2 workers
+placed on different nodes (`STRICT_SPREAD`); the second node's raylet is killed mid-run, a new node
+joins (what an autoscaler does), and the run finishes from its last checkpoint.
+
+Runs through the job scripts as child processes (the driver joins the cluster with RAY_ADDRESS),
+so it never touches the test session's own Ray instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+
+from net import free_port, stop_group
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+STEPS, EVERY = 120, 10
+
+
+def _env() -> dict:
+    # Loopback-only test cluster: token authentication off for the nodes and the drivers alike.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
+    return env
+
+
+@contextmanager
+def ray_node(name: str, head_port: int, head: bool):
+    """One node (`ray start --block`) in its own process group and temp dir; yields (process, temp dir)."""
+    temp_dir = tempfile.mkdtemp(prefix=f"vg-{name}-")  # short: Ray's socket paths must fit in 107 bytes
+    args = [str(BIN / "ray"), "start", "--block", "--num-cpus=1", f"--resources={json.dumps({name: 1})}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    args += (["--head", f"--port={head_port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
+             if head else [f"--address=127.0.0.1:{head_port}"])
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"`ray start` of {name} exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        yield proc, temp_dir
+    finally:
+        stop_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_nodes(head_port: int, names: set[str], timeout: float = 180) -> None:
+    """Until the cluster has a live node holding each named resource."""
+    code = ("import json, ray\nray.init(logging_level='ERROR')\n"
+            "print(json.dumps(sorted(k for n in ray.nodes() if n['Alive'] for k in n['Resources'])))")
+    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{head_port}"}
+    deadline, last = time.time() + timeout, ""
+    while time.time() < deadline:  # the head's GCS port first: a driver started before it waits long
+        try:
+            socket.create_connection(("127.0.0.1", head_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    while time.time() < deadline:
+        try:
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired as err:
+            last = f"probe timed out: {str(err.stderr)[-1500:]}"
+            continue
+        if out.returncode == 0 and names <= set(json.loads(out.stdout.strip().splitlines()[-1])):
+            return
+        last = out.stdout[-500:] + out.stderr[-1500:]
+        time.sleep(1)
+    pytest.fail(f"nodes {sorted(names)} never joined the cluster: {last}")
+
+
+def raylet_pid(temp_dir: str) -> int:
+    """The raylet of the node started with ``temp_dir`` (its socket lives there)."""
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"/raylet") and any(a.startswith(b"--raylet_socket_name=" + temp_dir.encode())
+                                                         for a in argv):
+            return pid
+    raise AssertionError(f"no raylet process for the node in {temp_dir}")
+
+
+def checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[-1]) for p in run_dir.glob("checkpoint_*") if (p / "trainer.json").is_file()) \
+        if run_dir.is_dir() else []
+
+
+@pytest.mark.slow
+def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path):
+    work, port = tmp_path / "work", free_port()
+    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    common = ["--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work)]
+    train = ["jobs/train_tokenizer.py", *common, "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
+             "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--log-every", str(EVERY),
+             "--max-failures", "2"]
+    run_dir = work / "ray_results" / "image_tokenizer"
+    with ExitStack() as stack:
+        stack.enter_context(ray_node("nodeA", port, head=True))
+        wait_for_nodes(port, {"nodeA"})
+        _, temp_b = stack.enter_context(ray_node("nodeB", port, head=False))
+        wait_for_nodes(port, {"nodeA", "nodeB"})
+        out = subprocess.run([sys.executable, "jobs/synth.py", *common], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+        job = subprocess.Popen([sys.executable, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 600
+            while not checkpoints(run_dir) and job.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert job.poll() is None, "the run ended before its first checkpoint: " + job.stdout.read()[-3000:]
+            first = checkpoints(run_dir)
+            assert first and first[-1] < STEPS, first
+            os.kill(raylet_pid(temp_b), signal.SIGKILL)  # node B is gone, with the worker it held
+            stack.enter_context(ray_node("nodeC", port, head=False))  # a replacement node joins
+            text, _ = job.communicate(timeout=900)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    assert job.returncode == 0, text[-5000:]
+    # the run finished all its steps, restarted from a checkpoint written before the node died
+    assert f"image tokenizer: {STEPS} steps" in text, text[-3000:]
+    resumed = [int(line.split("step ")[1].split(",")[0]) for line in text.splitlines() if "resumed from checkpoint_" in line]
+    assert resumed and resumed[0] >= first[-1] and resumed[0] % EVERY == 0, (first, resumed, text[-3000:])
+    assert checkpoints(run_dir)[-1] == STEPS
+    assert (work / "models" / "image_tokenizer").is_dir()
