@@ -12,7 +12,7 @@ from PIL import Image
 
 import visgen
 from bundles import make_bundle
-from visgen.pipeline import Pipeline, read_manifest
+from visgen.pipeline import GenerationRequest, Pipeline, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,48 @@ def test_caption_in_a_requested_language_holds_no_word_of_the_other(pipe):
     mixed = pipe.caption(images[:4], language=["zh", "en", "auto", "zh"], temperature=1.5, seed=1)
     assert mixed[0] == zh[0] and mixed[1] == en[1] and mixed[3] == zh[3]  # per image, whatever the batch
     assert pipe.caption(images[:4], language="auto") == pipe.caption(images[:4])  # the default
+
+
+def test_generate_many_answers_each_request_as_if_it_ran_alone(pipe):
+    """Requests of different prompts, counts, seeds and settings in one call: grouped by settings,
+    and each request's images exactly what it gets on its own (image j uses seed + j)."""
+    reqs = [GenerationRequest("a red circle", n=2, seed=5),
+            GenerationRequest("a blue square", n=1, seed=40, temperature=0.0),
+            GenerationRequest("两个绿色的三角形", n=1, seed=6)]
+    out = pipe.generate_many(reqs)
+    assert [len(images) for images in out] == [2, 1, 1]
+    alone = [pipe.generate("a red circle", n=2, seed=5), pipe.generate("a blue square", seed=40, temperature=0.0),
+             pipe.generate("两个绿色的三角形", seed=6)]
+    for got, want in zip(out, alone):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    # batch_size only cuts the forwards
+    np.testing.assert_array_equal(pipe.generate_many(reqs[:1], batch_size=1)[0][1], out[0][1])
+    assert pipe.generate_many([]) == []
+
+
+def test_generate_many_checks_every_request_first(pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipe.lm, "generate_images", lambda *a, **k: calls.append(1))
+    for bad, err, match in [(GenerationRequest("x", temperature=-1.0), ValueError, "temperature"),
+                            (GenerationRequest("x", n=0), ValueError, "request 1: n must be"),
+                            (GenerationRequest(3), TypeError, "strings"),
+                            (GenerationRequest("x", seed="7"), TypeError, "request 1: seed must be an integer"),
+                            ({"prompt": "x"}, TypeError, "GenerationRequest")]:
+        with pytest.raises(err, match=match):
+            pipe.generate_many([GenerationRequest("fine"), bad])
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe.generate_many([GenerationRequest("fine")], batch_size=0)
+    assert not calls  # refused before anything was drawn
+
+
+def test_caption_takes_one_seed_per_image(pipe):
+    images = list(np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    by_position = pipe.caption(images, temperature=1.5, seed=4)  # image i uses seed 4 + i
+    assert pipe.caption(images, temperature=1.5, seed=[4, 5, 6], batch_size=None) == by_position
+    assert pipe.caption(images[2:], temperature=1.5, seed=[6]) == by_position[2:]
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        pipe.caption(images, seed=[1, 2])
 
 
 def test_caption_language_is_validated(pipe):

@@ -205,3 +205,123 @@ def test_coalescer_answers_every_job_even_when_the_model_returns_too_few_results
 
     (err,) = asyncio.run(asyncio.wait_for(main(), 5))
     assert isinstance(err, RuntimeError) and "1 results for 2 jobs" in str(err)
+
+
+class PublicOnly:
+    """A pipeline seen through its public names only, recording every reach for a ``_`` name."""
+
+    def __init__(self, pipe, reached: list[str]):
+        object.__setattr__(self, "_target", pipe)
+        object.__setattr__(self, "_reached", reached)
+
+    def __getattr__(self, name):  # only names the proxy itself lacks get here
+        if name.startswith("_"):
+            object.__getattribute__(self, "_reached").append(name)
+            raise AttributeError(f"Serve reached into the pipeline's private {name!r}; ask Pipeline for a public method")
+        return getattr(object.__getattribute__(self, "_target"), name)
+
+
+def test_public_only_records_a_private_reach():
+    reached: list[str] = []
+    proxy = PublicOnly(type("P", (), {"_sampling": 1, "sampling": 2})(), reached)
+    assert proxy.sampling == 2
+    with pytest.raises(AttributeError, match="_sampling"):
+        proxy._sampling
+    assert getattr(proxy, "_other", None) is None and reached == ["_sampling", "_other"]
+
+
+def test_the_replica_uses_only_the_public_pipeline(tmp_path):
+    """Load, info, generate, caption and edit through a pipeline that refuses its private names;
+    generate answers each job as Pipeline.generate_many answers it alone."""
+    import visgen
+    from bundles import make_bundle
+    from visgen.pipeline import GenerationRequest
+    from visgen.serve.model import VisgenModel
+
+    pipe = visgen.Pipeline.load(make_bundle(tmp_path), device="cpu")
+    reached: list[str] = []
+    model = VisgenModel(ServeConfig(poll_interval_s=0).model_dump(mode="json"), None,
+                        loader=lambda uri, tracking_uri, device: (PublicOnly(pipe, reached), {"version": "7"}),
+                        probe=lambda uri, tracking_uri: None)
+    info = model.info()
+    assert info["version"] == "7" and info["grid"] == list(pipe.grid) and info["sampling"] == pipe.sampling.model_dump()
+    jobs = [{"prompt": "a red circle", "n": 2, "seed": 3}, {"prompt": "a blue square", "n": 1, "seed": 9, "temperature": 0.0}]
+    out = VisgenModel._run_generate(model._served, jobs)
+    want = pipe.generate_many([GenerationRequest("a red circle", n=2, seed=3),
+                               GenerationRequest("a blue square", seed=9, temperature=0.0)])
+    for result, images in zip(out, want):
+        assert result["version"] == "7" and result["batch"] == 2
+        got = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in result["images"]]
+        assert len(got) == len(images) and all(np.array_equal(a, b) for a, b in zip(got, images))
+    image = np.zeros((16, 16, 3), np.uint8)
+    (caption,) = VisgenModel._run_caption(model._served, [{"image": image, "language": "en"}])
+    assert caption["caption"] == pipe.caption(image, language="en")[0]
+    (edited,) = VisgenModel._run_edit(model._served, [{"image": image, "prompt": "a star", "keep_rows": 2, "seed": 1}])
+    assert edited["version"] == "7" and len(edited["images"]) == 1
+    assert reached == []
+
+
+def _asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One request through an ASGI app without a server: (status, headers, body)."""
+    scope = {"type": "http", "http_version": "1.1", "method": method, "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "scheme": "http", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]},
+            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_the_ingress_is_a_module_class_configured_through_init():
+    """Ingress and its routes work without Serve: the routes hand each request to the Ingress
+    they are given, which holds the handle and the configured limits."""
+    import json
+
+    from visgen.serve.app import Ingress, http_api
+
+    class Handle:  # the model deployment: each method answers .remote(...) with an awaitable
+        def __init__(self):
+            self.jobs: list[dict] = []
+
+        def __getattr__(self, method):
+            def remote(*args):
+                self.jobs.extend(args)
+                answer = {"generate": {"images": [b"png"], "version": "3"},
+                          "info": {"version": "3", "grid": [4, 4], "resolution": 16}}[method]
+
+                class Response:
+                    def __await__(self):
+                        async def value():
+                            return answer
+                        return value().__await__()
+
+                    def cancel(self):
+                        pass
+
+                return Response()
+            return type("Method", (), {"remote": staticmethod(remote)})()
+
+    cfg = ServeConfig(limits=ServeLimits(max_n=3))
+    handle = Handle()
+    ingress = Ingress(handle, cfg.model_dump(mode="json"))
+    assert ingress.cfg == cfg and ingress.limits.max_n == 3
+    api = http_api(cfg, find_ingress=lambda: ingress)
+    schema = api.openapi()["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["properties"]["n"]["maximum"] == 3  # the docs show the configured limits
+    status, headers, body = _asgi_call(api, "POST", "/v1/generate", json.dumps({"prompt": "a red circle", "n": 2}).encode(),
+                                       {"content-type": "application/json"})
+    assert status == 200 and headers["x-model-version"] == "3" and "x-request-id" in headers
+    assert json.loads(body)["images"][0]["seed"] == 0 and handle.jobs[-1]["n"] == 2
+    status, _, body = _asgi_call(api, "POST", "/v1/generate", json.dumps({"prompt": "x", "n": 4}).encode(),
+                                 {"content-type": "application/json"})
+    assert status == 422 and json.loads(body)["error"]["limit"] == 3
+    status, _, body = _asgi_call(api, "GET", "/healthz")
+    assert status == 200 and json.loads(body) == {"status": "ok", "version": "3"}

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from visgen.config import SpecError
-from visgen.data.sources import expand_source, split_shards
+from visgen.data.sources import expand_source, shard_signature, split_shards
 
 
 @pytest.fixture
@@ -123,3 +123,25 @@ def test_split_shards():
         split_shards(shards, 0, "holdout")
     with pytest.raises(ValueError, match="split 'test'"):
         split_shards(shards, 1, "test")
+
+
+def test_shard_signature_changes_with_any_shard(shard_dir):
+    """[path, size, mtime_ns] per shard in order; one function that every reuse check calls."""
+    shards = expand_source(str(shard_dir))
+    sig = shard_signature(shards)
+    assert [s[0] for s in sig] == shards and all(s[1] == 0 and isinstance(s[2], int) for s in sig)
+    assert shard_signature(list(reversed(shards))) != sig  # order matters: the last ones are held out
+    with open(shards[1], "ab") as f:
+        f.write(b"more")
+    assert shard_signature(shards)[1][1] == 4 and shard_signature(shards) != sig
+    missing = str(shard_dir / "gone.tar")
+    assert shard_signature([missing]) == [[missing, None, None]]  # unreachable now: the name is what we have
+
+
+def test_every_reuse_check_uses_the_one_shard_signature():
+    from visgen import retrain, stages
+    from visgen.data import token_cache
+
+    assert token_cache.shard_signature is shard_signature and retrain.shard_signature is shard_signature
+    assert not hasattr(stages, "_source_signature")
+

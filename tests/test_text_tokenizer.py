@@ -141,7 +141,7 @@ def test_the_stage_retrains_a_tokenizer_from_before_the_language_tokens(tmp_path
     from visgen import stages
     from visgen.config import load_spec
     from visgen.data import ingest
-    from visgen.data.sources import expand_source
+    from visgen.data.sources import expand_source, shard_signature
     from visgen.text.tokenizer import _empty_bpe
 
     spec = load_spec("pipelines/shapes-tiny.yaml", {"workdir": str(tmp_path / "w")})
@@ -166,7 +166,7 @@ def test_the_stage_retrains_a_tokenizer_from_before_the_language_tokens(tmp_path
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     old.save(str(out))
     old_meta = {"config": spec.text_tokenizer.model_dump(mode="json"),
-                "source": stages._source_signature(expand_source(spec.data.ingest.source))}
+                "source": shard_signature(expand_source(spec.data.ingest.source))}
     out.with_suffix(".meta.json").write_text(json.dumps(old_meta))  # what the older stage wrote
     with pytest.raises(ValueError, match="<en>"):
         TextTokenizer.load(out)

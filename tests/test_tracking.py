@@ -18,7 +18,8 @@ import pytest
 from pydantic import Field
 
 from visgen.config import Section, SpecError, validate_section
-from visgen.tracking import TrackingConfig, Tracker, flatten, make_grid, resolve_tracking_uri
+from visgen.tracking import (TrackingConfig, Tracker, download_artifacts, flatten, is_remote_store, make_grid,
+                             open_run, param_text, resolve_tracking_uri)
 
 from net import free_port
 
@@ -110,6 +111,33 @@ def test_flatten_spec_to_params():
                                         "tok/dims": "[1, 2]", "tok/on": "false", "path": "/a/b"}
     with pytest.raises(TypeError, match="mapping"):
         flatten([1, 2])
+
+
+def test_param_text_and_store_kinds():
+    """The public helpers the registry shares: one spelling of values, one idea of a remote store."""
+    assert [param_text(v) for v in ("a b", 3, 0.5, True, None, [1, 2], {"k": "v"}, np.int64(4))] == \
+        ["a b", "3", "0.5", "true", "null", "[1, 2]", '{"k": "v"}', "4"]
+    assert flatten({"x": {"y": True}}) == {"x.y": param_text(True)}
+    assert all(is_remote_store(u) for u in ("http://h:5000", "HTTPS://h", "databricks", "databricks-uc://p"))
+    assert not any(is_remote_store(u) for u in ("sqlite:///tmp/m.db", "/tmp/mlruns", "file:///tmp/mlruns"))
+
+
+def test_open_run_creates_resumes_and_downloads(workdir, cfg, tmp_path):
+    """open_run: a run that must exist (raises instead of disabling); download_artifacts reads runs:/ URIs."""
+    uri = resolve_tracking_uri(cfg, workdir)
+    client, run_id, params = open_run(cfg, uri, workdir, "reg-1", {"kind": ["a", 1]})
+    assert params == {} and client.get_run(run_id).data.tags["kind"] == '["a", 1]'
+    client.log_param(run_id, "p", "1")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "f.txt").write_text("hello")
+    client.log_artifacts(run_id, str(tmp_path / "files"), "bundle")
+    client.set_terminated(run_id, "FINISHED")
+    again, same, held = open_run(cfg, uri, workdir, "reg-1")
+    assert same == run_id and held == {"p": "1"} and again.get_run(run_id).info.status == "RUNNING"
+    # local store: the experiment's artifacts live under the workdir
+    assert client.get_run(run_id).info.artifact_uri.startswith((workdir / "mlartifacts").resolve().as_uri())
+    local = download_artifacts(f"runs:/{run_id}/bundle", tmp_path / "dl", tracking_uri=uri)
+    assert (local / "f.txt").read_text() == "hello"
 
 
 def test_make_grid_layout():

@@ -5,6 +5,8 @@
     texts = pipe.caption(images)                                    # the model picks the language
     zh = pipe.caption(images, language="zh")                          # or ask for one: "en" / "zh"
     edited = pipe.edit(images[0], "a red circle left of a yellow square", keep_rows=3)
+    per_request = pipe.generate_many([GenerationRequest("a blue circle", n=2, seed=7),      # independent requests,
+                                      GenerationRequest("a red square", temperature=0.0)])  # batched where they agree
 
 A bundle is a directory (an MLflow artifact directory once registered)::
 
@@ -29,6 +31,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +42,7 @@ from pydantic import Field
 from visgen.config import Section
 from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
+from visgen.tracking import download_artifacts
 
 log = logging.getLogger("visgen")
 
@@ -54,6 +58,23 @@ class SamplingConfig(Section):
     top_k: int = Field(0, ge=0, le=1 << 20, description="Sample image codes among the k most likely only; 0 = all.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of image codes: the smallest set holding this probability.")
     caption_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature of captioning; 0 = greedy.")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt's share of a :meth:`Pipeline.generate_many` call: ``n`` images of ``prompt``.
+
+    Image j uses seed ``seed + j``. A sampling setting left ``None`` is the bundle's default
+    (:class:`SamplingConfig`); requests whose settings come out the same are drawn together.
+    """
+
+    prompt: str
+    n: int = 1
+    seed: int = 0
+    cfg_scale: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,10 +162,8 @@ def resolve_bundle(source: str | Path, tracking_uri: str | None = None) -> Path:
         if not p.exists():
             raise FileNotFoundError(f"bundle {s!r} does not exist (a bundle directory or an MLflow URI like models:/visgen@champion)")
         return p
-    import mlflow
-
     dst = tempfile.mkdtemp(prefix="visgen-bundle-")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=dst, tracking_uri=tracking_uri))
+    local = download_artifacts(s, dst, tracking_uri=tracking_uri)
     if not (local / MANIFEST).is_file():  # a model version whose artifacts hold the bundle one level down
         found = [p.parent for p in local.rglob(MANIFEST)]
         if len(found) != 1:
@@ -275,34 +294,80 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        kw = self._sampling(cfg_scale, temperature, top_k, top_p)
-        todo = [p for p in prompts for _ in range(n)]
-        seeds = torch.arange(len(todo), dtype=torch.long) + int(seed)
-        out: list[np.ndarray] = []
-        for i in range(0, len(todo), batch_size):
-            text = self.text_regions(todo[i:i + batch_size])
-            codes = self.lm.generate_images(text, seeds[i:i + batch_size].to(self.device), **kw)
-            out.extend(self.decode_codes(codes))
+        requests = [GenerationRequest(p, n=n, seed=int(seed) + i * n, cfg_scale=cfg_scale, temperature=temperature,
+                                      top_k=top_k, top_p=top_p) for i, p in enumerate(prompts)]
+        return [im for images in self.generate_many(requests, batch_size=batch_size) for im in images]
+
+    def generate_many(self, requests: Sequence[GenerationRequest], *,
+                      batch_size: int | None = 64) -> list[list[np.ndarray]]:
+        """The images of each request, in request order: ``n`` (H, W, 3) uint8 arrays per request.
+
+        Requests may differ in prompt, count, seed and sampling settings: those whose settings
+        (after the bundle's defaults) agree are drawn together, ``batch_size`` images per forward
+        (``None``: each such group in one forward). Image j of a request uses seed ``seed + j``
+        whatever it is batched with, so a request's images do not depend on the others. Every
+        request is checked before anything is drawn: one bad request refuses the call.
+        """
+        requests = list(requests)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None (one forward per group), got {batch_size}")
+        groups: dict[tuple, list[int]] = {}  # resolved sampling settings -> request indices
+        for i, req in enumerate(requests):
+            if not isinstance(req, GenerationRequest):
+                raise TypeError(f"request {i} is a {type(req).__name__}, not a visgen.pipeline.GenerationRequest")
+            for name in ("n", "seed"):
+                value = getattr(req, name)
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise TypeError(f"request {i}: {name} must be an integer, got {type(value).__name__} {value!r}")
+            if req.n < 1:
+                raise ValueError(f"request {i}: n must be >= 1, got {req.n}")
+            _check_text(req.prompt)
+            kw = self._sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p)
+            groups.setdefault(tuple(sorted(kw.items())), []).append(i)
+        out: list[list[np.ndarray]] = [[] for _ in requests]
+        for key, idx in groups.items():
+            # One row per image, request-major: (prompt, seed, which request it answers).
+            rows = [(requests[i].prompt, int(requests[i].seed) + j, i) for i in idx for j in range(requests[i].n)]
+            step = batch_size or len(rows)
+            for at in range(0, len(rows), step):
+                chunk = rows[at:at + step]
+                text = self.text_regions([prompt for prompt, _, _ in chunk])  # (B, S)
+                seeds = torch.tensor([seed for _, seed, _ in chunk], dtype=torch.long, device=self.device)  # (B,)
+                with torch.no_grad():
+                    codes = self.lm.generate_images(text, seeds, **dict(key))  # (B, N)
+                for (_, _, i), image in zip(chunk, self.decode_codes(codes)):
+                    out[i].append(image)
         return out
 
-    def caption(self, images: Any | Sequence[Any], *, language: str | Sequence[str] = "auto", seed: int = 0,
-                temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
-        """One caption per image (greedy by default).
+    def caption(self, images: Any | Sequence[Any], *, language: str | Sequence[str] = "auto",
+                seed: int | Sequence[int] = 0, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
+                batch_size: int | None = 64) -> list[str]:
+        """One caption per image (greedy by default), ``batch_size`` images per forward (``None``: all in one).
 
         ``language``: "auto" (the model chooses), "en" or "zh" — one for all images or one per
         image. A requested language is put in the caption's language slot and the other script is
         blocked: an "en" caption holds ASCII only, a "zh" caption no Latin letter.
+        ``seed``: image i uses ``seed + i``; or one seed per image (a batch of independent requests).
         """
         images = [images] if _is_single_image(images) else list(images)
         langs = caption_languages(language, len(images))
+        if isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(len(images))]
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != len(images):
+                raise ValueError(f"seed: {len(seeds)} seeds for {len(images)} images (give one, or one per image)")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None (all in one forward), got {batch_size}")
         temp = self.sampling.caption_temperature if temperature is None else float(temperature)
         SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p)
+        step = batch_size or max(1, len(images))
         out: list[str] = []
-        for i in range(0, len(images), batch_size):
-            codes = self.encode_images(images[i:i + batch_size])
-            seeds = torch.arange(i, i + codes.shape[0], device=self.device) + int(seed)
-            out.extend(caption_codes(self.lm, self.tokenizer, codes, seeds, langs[i:i + batch_size],
-                                     temperature=temp, top_k=top_k, top_p=top_p))
+        for i in range(0, len(images), step):
+            codes = self.encode_images(images[i:i + step])  # (B, N)
+            out.extend(caption_codes(self.lm, self.tokenizer, codes,
+                                     torch.tensor(seeds[i:i + step], dtype=torch.long, device=self.device),
+                                     langs[i:i + step], temperature=temp, top_k=top_k, top_p=top_p))
         return out
 
     def edit(self, image: Any, prompt: str, *, keep_rows: int, seed: int = 0, cfg_scale: float | None = None,

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from visgen.pipeline import MANIFEST, TEXT_TOKENIZER_FILE, read_manifest
-from visgen.tracking import TrackingConfig, _is_remote, _open_run, _param_str, resolve_tracking_uri
+from visgen.tracking import (TrackingConfig, download_artifacts, is_remote_store, open_run, param_text,
+                             resolve_tracking_uri)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -211,14 +212,14 @@ class Registry:
             return self.version(mv.version)
 
         version_tags = {**bundle_tags(manifest), "bundle_sha256": digest,
-                        **{str(k): _param_str(v) for k, v in (tags or {}).items()}}
+                        **{str(k): param_text(v) for k, v in (tags or {}).items()}}
         run_name = f"register-{manifest['lm']['fingerprint'][:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
         workdir = self.workdir if self.workdir is not None else bundle.parent
-        if not _is_remote(self.tracking_uri) and self.workdir is None:
+        if not is_remote_store(self.tracking_uri) and self.workdir is None:
             log.warning("no workdir given: artifacts of a new experiment go next to the bundle, under %s", workdir)
         cfg = TrackingConfig(experiment=self.experiment, tracking_uri=self.tracking_uri)
-        client, run_id, _ = _open_run(cfg, self.tracking_uri, workdir, run_name,
-                                      {"visgen.kind": "bundle", "visgen.bundle": str(bundle)})
+        client, run_id, _ = open_run(cfg, self.tracking_uri, workdir, run_name,
+                                     {"visgen.kind": "bundle", "visgen.bundle": str(bundle)})
         try:
             client.log_artifacts(run_id, str(bundle), ARTIFACT_PATH)
             for key, value in _numeric(manifest.get("eval") or {}).items():
@@ -356,14 +357,11 @@ class Registry:
 
     def download(self, version: str | int, dst: str | Path) -> Path:
         """The files of one numbered version, downloaded under ``dst``; returns the bundle directory."""
-        import mlflow
-
         v = _version_str(version)
         # Resolved here rather than handing MLflow a models:/ URI: its models:/ resolution reads the
         # process-global registry URI and would ignore this registry's store.
         source = self.client.get_model_version_download_uri(self.name, v)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                         tracking_uri=self.tracking_uri))
+        local = download_artifacts(source, dst, tracking_uri=self.tracking_uri)
         if not (local / MANIFEST).is_file():
             raise FileNotFoundError(f"version {v} of {self.name!r} has no {MANIFEST} at the top of its files")
         return local
@@ -460,7 +458,7 @@ def bundle_tags(manifest: dict) -> dict[str, str]:
     if params is not None:
         tags["lm.params"] = str(params)
     for key, value in (manifest.get("eval") or {}).items():
-        tags[f"eval.{key}"] = _param_str(value)
+        tags[f"eval.{key}"] = param_text(value)
     if "eval" not in manifest:
         tags["eval.status"] = "not evaluated"
     return tags

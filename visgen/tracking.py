@@ -1,4 +1,4 @@
-"""MLflow tracking behind one thin adapter: the only module that talks to MLflow.
+"""MLflow tracking behind one thin adapter; this module and :mod:`visgen.registry` alone import MLflow.
 
 Training code calls :meth:`Tracker.start` on every rank; only rank 0 gets a live tracker, the
 others get one whose methods return at once. The adapter alone decides how params, metrics,
@@ -16,6 +16,10 @@ Three rules shape it:
   error inside a log call is reported once through ``logging`` and turns the tracker into a
   no-op. MLflow's HTTP client is bounded so that a dead server costs seconds, not minutes
   (see :func:`_bound_http_client`).
+
+Other modules reach MLflow through public functions here: :func:`open_run` (a run that must
+exist, e.g. a registration), :func:`download_artifacts` (``runs:/`` and ``models:/`` URIs),
+:func:`param_text` (how values are spelled) and :func:`is_remote_store`.
 
 Where runs go (:func:`resolve_tracking_uri`): ``$MLFLOW_TRACKING_URI`` if set, else the spec's
 ``tracking_uri``, else a sqlite database ``<workdir>/mlflow.db`` with artifacts under
@@ -54,8 +58,9 @@ RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 # Image keys become artifact file names and UI chart names; MLflow accepts only these characters.
 _IMAGE_KEY = re.compile(r"^[A-Za-z0-9_\-./ ]+$")
-# Schemes where this process talks to the store itself, so no server picks the artifact root:
-# without an explicit location MLflow would put artifacts under ./mlruns of whatever the CWD is.
+# Schemes of tracking servers, which pick a new experiment's artifact root themselves. Any other
+# store this process writes itself, and without an explicit location MLflow would put artifacts
+# under ./mlruns of whatever the CWD is.
 _REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
 
 
@@ -87,7 +92,14 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).expanduser().resolve() / DB_NAME}"
 
 
-def _is_remote(uri: str) -> bool:
+def is_remote_store(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (``http(s)``, Databricks) rather than a store this
+    process writes itself (sqlite, a local path).
+
+    A server chooses where a new experiment's artifacts go; for a local store the caller must
+    name the directory (:func:`open_run` puts it under the workdir), or MLflow would use
+    ``./mlruns`` of whatever the current directory is. Remote stores also get a bounded HTTP client.
+    """
     return uri.split(":", 1)[0].lower() in _REMOTE_SCHEMES
 
 
@@ -143,8 +155,13 @@ def _json_default(value: Any) -> Any:
     return str(value)  # Path, datetime, ...: their readable form
 
 
-def _param_str(value: Any) -> str:
-    """A param value as text: strings as they are, scalars and lists in JSON spelling (true, null, [1, 2])."""
+def param_text(value: Any) -> str:
+    """A param or tag value as MLflow stores it: strings as they are, scalars and lists in JSON
+    spelling (``true``, ``null``, ``[1, 2]``), enums by value; not cut to MLflow's length limits.
+
+    The one spelling of values in this package's runs and model versions, so a tag written by
+    the registry reads like the same param logged by a tracker.
+    """
     if isinstance(value, str):
         return value
     if isinstance(value, np.generic):
@@ -179,7 +196,7 @@ def flatten(nested: Mapping[str, Any] | BaseModel, sep: str = ".") -> dict[str, 
             if isinstance(value, Mapping) and value:
                 walk(value, name)
             else:
-                out[name] = _param_str(dict(value) if isinstance(value, Mapping) else value)
+                out[name] = param_text(dict(value) if isinstance(value, Mapping) else value)
 
     walk(nested, "")
     return out
@@ -266,7 +283,7 @@ class Tracker:
         uri = resolve_tracking_uri(cfg, workdir)
         tracker = cls(cfg=cfg)
         try:
-            if _is_remote(uri):
+            if is_remote_store(uri):
                 _bound_http_client(cfg.request_timeout_s)
                 if uri.split(":", 1)[0].lower() in ("http", "https"):
                     t0 = time.perf_counter()
@@ -275,7 +292,7 @@ class Tracker:
                         tracker._disable(f"cannot reach the tracking server {uri} ({why}, "
                                          f"{time.perf_counter() - t0:.1f} s)")
                         return tracker
-            client, run_id, logged = _open_run(cfg, uri, Path(workdir), run_name, tags)
+            client, run_id, logged = open_run(cfg, uri, Path(workdir), run_name, tags)
         except Exception as err:  # noqa: BLE001 - any store/server failure must leave training running
             tracker._disable(f"could not start run {run_name!r} in experiment {cfg.experiment!r} at {uri}", err)
             return tracker
@@ -317,7 +334,7 @@ class Tracker:
         new: dict[str, str] = {}
         changed: list[str] = []
         for key, value in params.items():
-            key, text = str(key), _param_str(value)[:MAX_PARAM_VAL_LENGTH]
+            key, text = str(key), param_text(value)[:MAX_PARAM_VAL_LENGTH]
             old = self._params.get(key)
             if old is None:
                 new[key] = text
@@ -403,7 +420,7 @@ class Tracker:
         from mlflow.entities import RunTag
         from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
-        items = [RunTag(str(k), _param_str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+        items = [RunTag(str(k), param_text(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             if not self._call("set tags", self._client.log_batch, self.run_id,
                               tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True):
@@ -431,11 +448,16 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _open_run(cfg: TrackingConfig, uri: str, workdir: Path, run_name: str,
-              tags: Mapping[str, Any] | None) -> tuple[MlflowClient, str, dict[str, str]]:
-    """Get or create the experiment, then resume the named run or create it.
+def open_run(cfg: TrackingConfig, uri: str, workdir: str | Path, run_name: str,
+             tags: Mapping[str, Any] | None = None) -> tuple[MlflowClient, str, dict[str, str]]:
+    """Get or create the experiment ``cfg.experiment`` in the store at ``uri``, then resume the
+    newest active run named ``run_name`` (status back to RUNNING, ``tags`` set) or create it.
 
-    Returns the client, the run id and the params the run already holds.
+    Returns ``(client, run_id, params the run already holds)``. Unlike :meth:`Tracker.start`
+    this raises on any MLflow failure and ignores ``cfg.enabled``: it is for callers whose run
+    must exist (the registry's registration runs), and the caller ends the run
+    (``client.set_terminated``). For a local store the experiment's artifacts go under
+    ``<workdir>/mlartifacts`` (see :func:`is_remote_store`).
     """
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
@@ -443,8 +465,8 @@ def _open_run(cfg: TrackingConfig, uri: str, workdir: Path, run_name: str,
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
     artifact_location = None
-    if not _is_remote(uri):
-        artifact_dir = workdir.expanduser().resolve() / ARTIFACT_DIR
+    if not is_remote_store(uri):
+        artifact_dir = Path(workdir).expanduser().resolve() / ARTIFACT_DIR
         artifact_dir.mkdir(parents=True, exist_ok=True)  # also creates workdir, which holds the sqlite file
         artifact_location = artifact_dir.as_uri()
     client = MlflowClient(tracking_uri=uri)
@@ -469,7 +491,7 @@ def _open_run(cfg: TrackingConfig, uri: str, workdir: Path, run_name: str,
     found = client.search_runs([exp_id], filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
                                run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
                                order_by=["attributes.start_time DESC"])
-    tag_strs = {str(k): _param_str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()}
+    tag_strs = {str(k): param_text(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()}
     if found:
         run = found[0]
         client.update_run(run.info.run_id, status="RUNNING")
@@ -480,3 +502,17 @@ def _open_run(cfg: TrackingConfig, uri: str, workdir: Path, run_name: str,
     run = client.create_run(exp_id, run_name=run_name, tags=tag_strs)
     logger.info("started MLflow run %r (%s) in experiment %r at %s", run_name, run.info.run_id, cfg.experiment, uri)
     return client, run.info.run_id, {}
+
+
+def download_artifacts(artifact_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download an MLflow artifact URI (``runs:/<id>/<path>``, ``models:/<name>@<alias>``, a store's
+    own ``s3://`` / ``file://`` location) into the directory ``dst``; returns the local path.
+
+    ``tracking_uri`` names the store that resolves ``runs:/`` and ``models:/`` URIs (default:
+    ``$MLFLOW_TRACKING_URI`` / the process's current one). MLflow errors propagate: a reader that
+    asked for files cannot go on without them.
+    """
+    import mlflow  # lazy: MLflow costs seconds to import and most callers never download
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst),
+                                                    tracking_uri=tracking_uri))

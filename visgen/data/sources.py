@@ -164,6 +164,31 @@ def expand_source(spec: str) -> list[str]:
     return _expand_remote(patterns, spec, scheme)
 
 
+def shard_signature(paths: list[str]) -> list[list]:
+    """``[path, size, mtime_ns]`` per shard, in order: the one signature every reuse check compares
+    (text tokenizer, token cache, bundle, held-out set, retraining's "new shards").
+
+    Any added, removed, rewritten or reordered shard changes it. Object-store URLs use the store's
+    size and modification time when it reports them; a shard that cannot be reached right now
+    gets ``[path, None, None]``.
+    """
+    sig = []
+    for p in paths:
+        try:
+            if "://" in p:
+                from pyarrow import fs as pafs  # lazy: only object-store shards need it
+
+                fs, path = pafs.FileSystem.from_uri(p)
+                info = fs.get_file_info(path)
+                sig.append([p, info.size, info.mtime_ns])
+            else:
+                st = os.stat(p)
+                sig.append([p, st.st_size, st.st_mtime_ns])
+        except (OSError, ValueError, ImportError):  # unreachable right now: the name is what we have
+            sig.append([p, None, None])
+    return sig
+
+
 def split_shards(shards: list[str], holdout_shards: int, split: str) -> list[str]:
     """The shards of one split: the last ``holdout_shards`` are held out, the rest train.
 

@@ -59,6 +59,7 @@ from visgen.data.ingest import (
     clear_quarantine,
     quarantine_summary,
 )
+from visgen.data.sources import shard_signature
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -295,26 +296,6 @@ def _image_tokenizer_meta(directory: str | Path) -> dict:
     except ValueError as err:
         raise ValueError(f"{path} is not a readable image tokenizer description: {err}") from None
     return meta
-
-
-def shard_signature(paths: list[str]) -> list[list]:
-    """``[path, size, mtime_ns]`` per shard, in order: any added, removed, rewritten or reordered
-    shard changes it. Object-store URLs use the store's size and modification time when it reports them."""
-    sig = []
-    for p in paths:
-        try:
-            if "://" in p:
-                from pyarrow import fs as pafs
-
-                fs, path = pafs.FileSystem.from_uri(p)
-                info = fs.get_file_info(path)
-                sig.append([p, info.size, info.mtime_ns])
-            else:
-                st = os.stat(p)
-                sig.append([p, st.st_size, st.st_mtime_ns])
-        except (OSError, ValueError, ImportError):  # unreachable right now: the name is what we have
-            sig.append([p, None, None])
-    return sig
 
 
 def _ingest_content(ingest: IngestConfig) -> dict:

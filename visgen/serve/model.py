@@ -12,9 +12,10 @@ once more by :class:`Coalescer`. Ray Serve forms a batch as soon as its wait win
 only then queues it for the (single) model, so under load it cuts many small batches that wait
 in line behind the running one (``bench/serve_load.py``: 2.1x over unbatched at 16 clients).
 The coalescer puts every waiting request in one line and, whenever the model is free, runs up to
-``max_batch_size`` of them in one call. Requests in one call that share sampling settings run as
-one forward; image j of a request uses seed ``seed + j``, so a response does not depend on what
-it was batched with.
+``max_batch_size`` of them in one call, which is one :meth:`visgen.Pipeline.generate_many` (or
+``caption``): requests that share sampling settings run as one forward; image j of a request uses
+seed ``seed + j``, so a response does not depend on what it was batched with. The replica uses
+only the pipeline's public methods and attributes.
 
 Hot reload: the replica follows ``model_uri``. For an alias (``models:/visgen@champion``) it
 checks the registry every ``poll_interval_s``; ``reconfigure(user_config)`` (``serve deploy`` with
@@ -278,40 +279,24 @@ class VisgenModel:
 
     @staticmethod
     def _run_generate(served: Served, jobs: list[dict]) -> list[dict]:
-        import torch
+        # Pipeline.generate_many groups the jobs by sampling settings, one forward per group;
+        # image j of a job uses seed + j, so an answer does not depend on its batch.
+        from visgen.pipeline import GenerationRequest  # lazy: it imports torch, which the ingress never needs
 
         pipe, version = served.pipe, served.info.get("version")
-        results: list[dict | None] = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            kw = pipe._sampling(job.get("cfg_scale"), job.get("temperature"), job.get("top_k"), job.get("top_p"))
-            groups.setdefault(tuple(sorted(kw.items())), []).append(i)
-        for key, idx in groups.items():
-            prompts = [jobs[i]["prompt"] for i in idx for _ in range(jobs[i]["n"])]
-            seeds = torch.cat([jobs[i]["seed"] + torch.arange(jobs[i]["n"], dtype=torch.long) for i in idx])
-            with torch.no_grad():
-                codes = pipe.lm.generate_images(pipe.text_regions(prompts), seeds.to(pipe.device), **dict(key))
-            images = pipe.decode_codes(codes)
-            at = 0
-            for i in idx:
-                n = jobs[i]["n"]
-                results[i] = {"images": [encode_png(im) for im in images[at:at + n]], "version": version,
-                              "batch": len(jobs)}
-                at += n
-        return results
+        requests = [GenerationRequest(prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),
+                                      temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"))
+                    for j in jobs]
+        images = pipe.generate_many(requests, batch_size=None)
+        return [{"images": [encode_png(im) for im in ims], "version": version, "batch": len(jobs)} for ims in images]
 
     @staticmethod
     def _run_caption(served: Served, jobs: list[dict]) -> list[dict]:
-        import torch
-
-        from visgen.pipeline import caption_codes
-
+        # One forward for the whole batch: language and seed per job (forced token + blocked script).
         pipe, version = served.pipe, served.info.get("version")
-        codes = pipe.encode_images([np.asarray(j["image"], dtype=np.uint8) for j in jobs])  # (B, N)
-        seeds = torch.tensor([j.get("seed", 0) for j in jobs], dtype=torch.long, device=pipe.device)
-        # One forward for the whole batch: the language is per row (forced token + blocked script).
-        texts = caption_codes(pipe.lm, pipe.tokenizer, codes, seeds, [j.get("language", "auto") for j in jobs],
-                              temperature=pipe.sampling.caption_temperature)
+        texts = pipe.caption([np.asarray(j["image"], dtype=np.uint8) for j in jobs],
+                             language=[j.get("language", "auto") for j in jobs],
+                             seed=[j.get("seed", 0) for j in jobs], batch_size=None)
         return [{"caption": t, "version": version, "batch": len(jobs)} for t in texts]
 
     @staticmethod
