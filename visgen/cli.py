@@ -47,6 +47,7 @@ def _section_classes() -> dict[str, type]:
         "eval.geneval": s["GenEvalConfig"],
         "eval.captions": s["CaptionEvalConfig"],
         "eval.sampling_search": s["SamplingSearchConfig"],
+        "eval.heldout": s["HeldoutEvalConfig"],
         "serve": s["ServeConfig"],
         "retrain": s["RetrainConfig"],
         "serve.limits": s["ServeLimits"],
@@ -353,7 +354,7 @@ COMMANDS: dict[tuple[str, ...], tuple[Any, list[str], str]] = {
                               "encode the ingested images with the frozen image tokenizer into the parquet token cache"),
     ("train", "lm"): (cmd_train_lm, ["lm.model", "lm.recipe", "lm.train", "lm.scaling"],
                       "train the text<->image transformer on the token cache (Ray Train) and write the model bundle"),
-    ("eval", "lm"): (cmd_eval_lm, ["eval.geneval", "eval.captions", "eval.sampling_search"],
+    ("eval", "lm"): (cmd_eval_lm, ["eval.geneval", "eval.captions", "eval.sampling_search", "eval.heldout"],
                      "GenEval-shapes (text -> image) and caption accuracy (image -> text) of the model bundle, "
                      "after choosing its sampling defaults on validation prompts when eval.sampling_search.enabled"),
     ("generate",): (cmd_generate, [], "draw images for text prompts (any language the tokenizer was trained on)"),

@@ -90,6 +90,7 @@ def _sections():
     from visgen.data.synth import SynthConfig
     from visgen.data.token_cache import TokenCacheConfig
     from visgen.eval.captions import CaptionEvalConfig
+    from visgen.eval.generic import HeldoutEvalConfig
     from visgen.eval.geneval import GenEvalConfig
     from visgen.eval.tune import SamplingSearchConfig
     from visgen.models.gpt import PRESETS as GPT_PRESETS
@@ -231,11 +232,13 @@ class PipelineSpec(BaseModel):
         out["lm"] = _lm_section(raw.get("lm") or {}, ingest, out["text_tokenizer"], out["image_tokenizer"].model, s)
         out["sampling"] = _validate_at(s["SamplingConfig"], raw.get("sampling") or {}, "sampling")
         ev = raw.get("eval") or {}
-        _check_keys(ev, "eval", ("geneval", "captions", "sampling_search"))
+        _check_keys(ev, "eval", ("shapes", "geneval", "captions", "sampling_search", "heldout"))
         out["eval"] = EvalSpec(geneval=_validate_at(s["GenEvalConfig"], ev.get("geneval") or {}, "eval.geneval"),
                                captions=_validate_at(s["CaptionEvalConfig"], ev.get("captions") or {}, "eval.captions"),
                                sampling_search=_validate_at(s["SamplingSearchConfig"], ev.get("sampling_search") or {},
-                                                            "eval.sampling_search"))
+                                                            "eval.sampling_search"),
+                               heldout=_validate_at(s["HeldoutEvalConfig"], ev.get("heldout") or {}, "eval.heldout"),
+                               shapes=_shapes_benchmarks(ev.get("shapes", "auto"), data.get("synth") is not None))
         out["serve"] = _validate_at(s["ServeConfig"], raw.get("serve") or {}, "serve")
         out["retrain"] = _validate_at(s["RetrainConfig"], raw.get("retrain") or {}, "retrain")
         return out
@@ -255,7 +258,7 @@ class PipelineSpec(BaseModel):
             "token_cache": self.token_cache.model_dump(mode="json"),
             "lm": {k: v.model_dump(mode="json") for k, v in vars(self.lm).items()},
             "sampling": self.sampling.model_dump(mode="json"),
-            "eval": {k: v.model_dump(mode="json") for k, v in vars(self.eval).items()},
+            "eval": {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in vars(self.eval).items()},
             "serve": self.serve.model_dump(mode="json"),
             "retrain": self.retrain.model_dump(mode="json"),
             "tracking": self.tracking.model_dump(mode="json"),
@@ -297,15 +300,33 @@ class LMSpec:
 
 
 class EvalSpec:
-    """``eval:`` — the GenEval-style text → image benchmark, the caption benchmark, and the search
-    that picks the bundle's sampling defaults on validation prompts before the benchmark runs."""
+    """``eval:`` — what the evaluation stages measure.
 
-    def __init__(self, geneval, captions, sampling_search):
+    ``heldout``: the metrics that hold on any data (held-out loss and perplexity, caption BLEU /
+    chrF, retrieval by the model's own likelihood, Fréchet distance on the image tokenizer's
+    encoder features, a sample grid); always run. ``shapes`` (bool, resolved from the spec's
+    ``eval.shapes: auto | true | false``; auto = the spec has a ``data.synth`` section) switches
+    on what only means something on the shapes data: GenEval-shapes (``geneval``), the caption
+    slot benchmark (``captions``), the judge-read ceiling of the image tokenizer and the search of
+    the sampling defaults on validation prompts (``sampling_search``), which all read the shapes judge."""
+
+    def __init__(self, geneval, captions, sampling_search, heldout=None, shapes: bool = True):
         self.geneval, self.captions, self.sampling_search = geneval, captions, sampling_search
+        self.heldout, self.shapes = heldout, shapes
 
     def __repr__(self) -> str:
-        return (f"EvalSpec(geneval={self.geneval!r}, captions={self.captions!r}, "
-                f"sampling_search={self.sampling_search!r})")
+        return (f"EvalSpec(shapes={self.shapes!r}, geneval={self.geneval!r}, captions={self.captions!r}, "
+                f"sampling_search={self.sampling_search!r}, heldout={self.heldout!r})")
+
+
+def _shapes_benchmarks(value: Any, has_synth: bool) -> bool:
+    """``eval.shapes`` → whether the shapes-only benchmarks run ('auto': when ``data.synth`` is present)."""
+    if value == "auto":
+        return has_synth
+    if isinstance(value, bool):
+        return value
+    raise SpecError(f"invalid spec:\neval.shapes: {value!r} is not allowed: expected 'auto' (shapes benchmarks when "
+                    f"data.synth is present), true (the shards are shapes renders) or false (any other data)")
 
 
 def _check_keys(raw: Any, path: str, allowed: tuple[str, ...]) -> None:

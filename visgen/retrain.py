@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import Literal
 from pydantic import Field
 
 from visgen.config import Section, replace
+from visgen.data.sources import expand_source, shard_signature
 
 log = logging.getLogger("visgen.retrain")
 
@@ -85,22 +87,14 @@ def _shard_key(entry) -> tuple:
 
 def unseen_shards(spec, manifest: dict) -> tuple[list[str], list[str]]:
     """(all current shards, those not in the champion's training manifest — new or rewritten)."""
-    from visgen.data.sources import expand_source
-    from visgen.stages import _source_signature
-
-    current = _source_signature(expand_source(spec.data.ingest.source))
+    current = shard_signature(expand_source(spec.data.ingest.source))
     seen = {_shard_key(e) for e in manifest.get("shards") or []}
     return [c[0] for c in current], [c[0] for c in current if _shard_key(c) not in seen]
 
 
 def _shards_key(spec) -> str:
     """A short hash of the shard list with sizes and mtimes: which data a challenger was trained on."""
-    import hashlib
-
-    from visgen.data.sources import expand_source
-    from visgen.stages import _source_signature
-
-    sig = json.dumps(_source_signature(expand_source(spec.data.ingest.source)), sort_keys=True)
+    sig = json.dumps(shard_signature(expand_source(spec.data.ingest.source)), sort_keys=True)
     return hashlib.sha256(sig.encode()).hexdigest()[:16]
 
 
@@ -123,7 +117,6 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     from visgen.pipeline import read_manifest, write_bundle
     from visgen.registry import CHAMPION, Registry
     from visgen.runtime import init_ray
-    from visgen.stages import _source_signature
     from visgen.train.lm import train_lm
 
     wd = Path(spec.workdir)
@@ -171,22 +164,23 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
                    sampling=spec.sampling, tracking=spec.tracking, run_name=f"retrain-{stamp}",
                    params={"retrain": cfg, "parent_version": champion.version}, init_from=champ_dir,
                    export_dir=run_dir / "lm")
-    from visgen.data.sources import expand_source
-
     challenger_dir = write_bundle(run_dir / "bundle", lm_dir=res.model_dir, image_tokenizer_dir=champ_dir,
                                   text_tokenizer=champ_dir / "text_tokenizer.json", sampling=spec.sampling,
                                   image_prep=spec.data.ingest.image_prep(),  # how its token cache was made
                                   extra={"pipeline": spec.name, "parent_version": champion.version,
-                                         "shards": _source_signature(expand_source(spec.data.ingest.source))})
+                                         "shards": shard_signature(expand_source(spec.data.ingest.source))})
 
     # The challenger's sampling defaults are searched as the pipeline searches them (the champion
     # keeps the choice it was registered with); then the same held-out shards, prompts and seeds for both.
+    # The shapes-only benchmarks (and the search, which reads the shapes judge) run on shapes data only.
     search = spec.eval.sampling_search
-    tuned = tune_bundle(challenger_dir, search, judge=spec.eval.geneval.judge) if search.enabled else None
-    kw = dict(ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions, workdir=wd)
+    searching = search.enabled and spec.eval.shapes
+    tuned = tune_bundle(challenger_dir, search, judge=spec.eval.geneval.judge) if searching else None
+    kw = dict(ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions, workdir=wd,
+              heldout=spec.eval.heldout, shapes=spec.eval.shapes)
     challenger_eval = evaluate_bundle(challenger_dir, eval_dir=run_dir / "eval" / "challenger",
                                       tracking=spec.tracking, run_name=f"retrain-{stamp}",
-                                      sampling_search=search if search.enabled else None, search_result=tuned, **kw)
+                                      sampling_search=search if searching else None, search_result=tuned, **kw)
     champion_eval = evaluate_bundle(champ_dir, eval_dir=run_dir / "eval" / "champion", **kw)
     version = reg.register(challenger_dir, tags={"visgen.parent_version": champion.version,
                                                  "visgen.retrain": stamp, "visgen.shards": data_key}).version

@@ -28,17 +28,10 @@ def synth(spec: PipelineSpec, overwrite: bool = False):
     return synthesize(spec.data.synth, overwrite=overwrite)
 
 
-def _source_signature(paths: list[str]) -> list[list]:
-    """``[path, size, mtime_ns]`` per shard: the one signature every reuse check compares."""
-    from visgen.data.token_cache import shard_signature
-
-    return shard_signature(paths)
-
-
 def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
     """Train the byte-level BPE over the captions of the shard source; reuse it when up to date."""
     from visgen.data.ingest import read_captions
-    from visgen.data.sources import expand_source
+    from visgen.data.sources import expand_source, shard_signature
     from visgen.text.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_text_tokenizer
 
     out = spec.paths.text_tokenizer
@@ -46,7 +39,7 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
     # The special tokens are part of what the file must hold: one trained before the language
     # tokens (<en>, <zh>) existed is retrained here, not refused later by every stage that loads it.
     meta = {"config": spec.text_tokenizer.model_dump(mode="json"),
-            "source": _source_signature(expand_source(spec.data.ingest.source)), "specials": list(SPECIAL_TOKENS)}
+            "source": shard_signature(expand_source(spec.data.ingest.source)), "specials": list(SPECIAL_TOKENS)}
     if not force and out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         try:
             TextTokenizer.load(out)
@@ -99,8 +92,16 @@ def eval_tokenizer(spec: PipelineSpec, run_name: str | None = None) -> dict:
     model_dir = spec.paths.models / "image_tokenizer"
     if not (model_dir.is_dir() and any(model_dir.iterdir())):
         raise FileNotFoundError(f"no trained image tokenizer in {model_dir}; run `visgen train tokenizer --pipeline ...` first")
+    if not spec.eval.shapes:
+        print(f"skipping the GenEval-shapes ceiling of the image tokenizer: {_not_shapes(spec)}", flush=True)
     return evaluate_image_tokenizer(model_dir, spec.data.ingest, workdir=spec.workdir, tracking=spec.tracking,
-                                    run_name=run_name or RUN_NAME, geneval_ceiling=spec.data.synth is not None)
+                                    run_name=run_name or RUN_NAME, geneval_ceiling=spec.eval.shapes)
+
+
+def _not_shapes(spec: PipelineSpec) -> str:
+    """Why the shapes-only benchmarks do not run, in the words a log line needs."""
+    why = "eval.shapes is false" if spec.data.synth is not None else "the spec has no data.synth section"
+    return f"the data is not the shapes renders ({why}; set eval.shapes: true if it is)"
 
 
 def token_cache(spec: PipelineSpec, force: bool = False):
@@ -139,9 +140,13 @@ def train_lm(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
 
 
 def bundle(spec: PipelineSpec, force: bool = False) -> Path:
-    """Assemble ``<workdir>/models/bundle`` from the trained transformer and tokenizers; an existing
-    bundle of the same parts, sampling defaults and shards is kept as it is (with its eval results),
-    so re-running the pipeline does not register a new version of an unchanged model."""
+    """Assemble ``<workdir>/models/bundle`` from the trained transformer and tokenizers, recording how
+    ingest made the training images square (``data.ingest`` → ``image_prep``) for every later user
+    of the bundle; an existing bundle of the same parts, sampling defaults, image preparation and
+    shards is kept as it is (with its eval results), so re-running the pipeline does not register
+    a new version of an unchanged model."""
+    from visgen.data.images import ImagePrep
+    from visgen.data.sources import shard_signature
     from visgen.models.gpt import CONFIG_FILE as LM_JSON
     from visgen.models.vq import CONFIG_FILE as VQ_JSON
     from visgen.pipeline import read_manifest, write_bundle
@@ -150,21 +155,27 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
     lm_dir, vq_dir = spec.paths.models / "lm", _trained_image_tokenizer(spec)
     if not (lm_dir / LM_JSON).is_file():
         raise FileNotFoundError(f"no trained transformer in {lm_dir}; run `visgen train lm --pipeline ...` first")
-    shards = _source_signature(_shard_list(spec))
+    shards = shard_signature(_shard_list(spec))
+    prep = spec.data.ingest.image_prep()
     out = spec.paths.bundle
     if not force and (out / "manifest.json").is_file():
         old = read_manifest(out)
+        try:  # a bundle written before the record was made with ingest's defaults
+            old_prep = ImagePrep.from_manifest(old, prep.resolution)
+        except ValueError:
+            old_prep = None
         same = (old.get("lm", {}).get("fingerprint") == json.loads((lm_dir / LM_JSON).read_text())["fingerprint"]
                 and old.get("image_tokenizer", {}).get("fingerprint") == json.loads((vq_dir / VQ_JSON).read_text())["fingerprint"]
                 and old.get("text_tokenizer", {}).get("fingerprint") == TextTokenizer.load(spec.paths.text_tokenizer).fingerprint()
                 # A searched bundle keeps the spec's section apart from the chosen defaults.
                 and old.get("sampling_spec", old.get("sampling")) == spec.sampling.model_dump(mode="json")
-                and old.get("shards") == shards)
+                and old.get("shards") == shards
+                and old_prep == prep)
         if same:
-            log.info("bundle %s is up to date (same parts, sampling and shards); keeping it", out)
+            log.info("bundle %s is up to date (same parts, sampling, image preparation and shards); keeping it", out)
             return out
     out = write_bundle(out, lm_dir=lm_dir, image_tokenizer_dir=vq_dir, text_tokenizer=spec.paths.text_tokenizer,
-                       sampling=spec.sampling, extra={"pipeline": spec.name, "shards": shards})
+                       sampling=spec.sampling, image_prep=prep, extra={"pipeline": spec.name, "shards": shards})
     log.info("bundle written to %s", out)
     return out
 
@@ -177,10 +188,12 @@ def _shard_list(spec: PipelineSpec) -> list[str]:
 
 def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: str | None = None,
             force: bool = False) -> dict:
-    """GenEval-shapes and the caption benchmark on the bundle (default: the pipeline's own). A bundle
-    already evaluated with the same benchmark settings on the same held-out data keeps its results.
-    With ``eval.sampling_search.enabled`` the bundle's sampling defaults are first chosen on
-    validation prompts (:mod:`visgen.eval.tune`), and the benchmark runs with them."""
+    """The held-out metrics of any data (``eval.heldout``: loss, perplexity, caption BLEU / chrF,
+    retrieval, Fréchet distance, sample grid) and, on shapes data (``eval.shapes``), GenEval-shapes
+    and the caption slot benchmark, on the bundle (default: the pipeline's own). A bundle already
+    evaluated with the same settings on the same held-out data keeps its results. With
+    ``eval.sampling_search.enabled`` on shapes data the bundle's sampling defaults are first chosen
+    on validation prompts (:mod:`visgen.eval.tune`), and the benchmark runs with them."""
     from visgen.eval.bundle import eval_identity, evaluate_bundle
     from visgen.eval.tune import tune_bundle
     from visgen.train.lm import RUN_NAME
@@ -188,9 +201,11 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
     d = Path(bundle_dir) if bundle_dir else spec.paths.bundle
     if not (d / "manifest.json").is_file():
         raise FileNotFoundError(f"no model bundle in {d}; run `visgen train lm --pipeline ...` (it writes the bundle) first")
-    search = spec.eval.sampling_search
-    identity = eval_identity(spec.data.ingest, spec.eval.geneval, spec.eval.captions,
-                             search if search.enabled else None)
+    ev = spec.eval
+    search = ev.sampling_search
+    searching = search.enabled and ev.shapes
+    identity = eval_identity(spec.data.ingest, ev.geneval, ev.captions, search if searching else None,
+                             ev.heldout, ev.shapes)
     done = d / "eval.json"
     if not force and done.is_file():
         previous = json.loads(done.read_text(encoding="utf-8"))
@@ -198,33 +213,29 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
             log.info("bundle %s was already evaluated with these settings on this held-out data; keeping the results", d)
             return previous
     init_ray()
-    tuned = tune_bundle(d, search, judge=spec.eval.geneval.judge) if search.enabled else None
-    return evaluate_bundle(d, ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions,
+    if not ev.shapes:
+        print(f"skipping GenEval-shapes, the caption slot benchmark"
+              f"{' and the sampling search' if search.enabled else ''}: {_not_shapes(spec)}", flush=True)
+    tuned = tune_bundle(d, search, judge=ev.geneval.judge) if searching else None
+    return evaluate_bundle(d, ingest=spec.data.ingest, geneval=ev.geneval, captions=ev.captions,
                            workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME,
-                           sampling_search=search if search.enabled else None, search_result=tuned)
+                           sampling_search=search if searching else None, search_result=tuned,
+                           heldout=ev.heldout, shapes=ev.shapes)
 
 
 def publish(spec: PipelineSpec) -> dict:
     """Register the bundle as a version of the MLflow model ``visgen``; make it the champion when
-    there is none yet or when it scores at least as well on GenEval-shapes (the gate of the
-    scheduled retraining job compares both on the same held-out set)."""
-    from visgen.registry import CHAMPION, Registry
+    there is none yet or when it passes the gate of ``retrain`` (``gate_metric``, ``gate_direction``,
+    ``margin``) against the champion's registered scores: the rule scheduled retraining applies,
+    :meth:`visgen.registry.Registry.promote_if_better`."""
+    from visgen.registry import Registry
 
     reg = Registry.from_config(spec.tracking, spec.workdir)
     new = reg.register(spec.paths.bundle)
-    out = {"version": new.version, "model": reg.name, "tracking_uri": reg.tracking_uri}
-    try:
-        champion = reg.resolve(CHAMPION)
-    except LookupError:
-        champion = None
-    new_score = float(new.tags.get("eval.geneval_overall", "nan"))
-    old_score = float(champion.tags.get("eval.geneval_overall", "nan")) if champion else float("nan")
-    if champion is None or champion.version == new.version or not new_score < old_score:
-        out.update(promoted=True, aliases=reg.promote(new.version))
-    else:
-        out.update(promoted=False, aliases=reg.aliases(),
-                   reason=f"GenEval-shapes {new_score:.3f} < champion v{champion.version}'s {old_score:.3f}")
-    return out
+    gate = spec.retrain
+    decision = reg.promote_if_better(new.version, gate.gate_metric, gate.margin, gate.gate_direction)
+    return {"version": new.version, "model": reg.name, "tracking_uri": reg.tracking_uri, **decision.as_dict(),
+            "aliases": reg.aliases()}
 
 
 def serve_check(spec: PipelineSpec, keep_running: bool = False) -> dict:
@@ -273,7 +284,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     t_start = time.perf_counter()
     summary: dict = {"pipeline": spec.name, "workdir": spec.workdir}
     steps = 10
-    t = _banner(1, steps, "shapes shards (Ray tasks)")
+    t = _banner(1, steps, "shapes shards (Ray tasks)" if spec.data.synth is not None else "shards")
     if spec.data.synth is not None:
         print(synth(spec).format())
     else:
@@ -314,9 +325,10 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     summary["bundle"] = str(bundle(spec))
     summary["train_lm_s"] = round(time.perf_counter() - t, 1)
 
-    t = _banner(8, steps, "evaluate: GenEval-shapes (text -> image) and captions (image -> text)")
+    t = _banner(8, steps, "evaluate: held-out loss, captions, retrieval, Fréchet distance"
+                + (" + GenEval-shapes and caption slots" if spec.eval.shapes else ""))
     ev = eval_lm(spec)
-    summary["lm_eval"] = {k: v for k, v in ev.items() if k.startswith(("geneval_", "caption_")) and isinstance(v, (int, float))}
+    summary["lm_eval"] = {k: v for k, v in ev.items() if isinstance(v, (int, float)) and k.startswith(EVAL_SUMMARY_KEYS)}
     summary["eval_lm_s"] = round(time.perf_counter() - t, 1)
 
     t = _banner(9, steps, "register the bundle in MLflow; promote it to champion when it is at least as good")
@@ -335,6 +347,9 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     return summary
 
 
+EVAL_SUMMARY_KEYS = ("geneval_", "caption_", "heldout_", "retrieval_", "frechet_")  # eval numbers in summary.json
+
+
 def where_to_look(spec: PipelineSpec, pipeline: str = "PIPELINE.yaml") -> str:
     from visgen.tracking import resolve_tracking_uri
 
@@ -342,9 +357,13 @@ def where_to_look(spec: PipelineSpec, pipeline: str = "PIPELINE.yaml") -> str:
     lines = [f"artifacts:        {spec.workdir}  (this run: {Path(spec.workdir) / 'summary.json'})",
              f"quarantine table: {spec.paths.quarantine}",
              f"tokenizer eval:   {spec.paths.eval / 'image_tokenizer.json'}",
-             f"model eval:       {spec.paths.eval / 'lm.json'}  (generated images: {spec.paths.eval / 'geneval'})",
+             f"model eval:       {spec.paths.eval / 'lm.json'}  (sample grid: {spec.paths.eval / 'heldout' / 'samples.png'}"
+             + (f"; GenEval-shapes images: {spec.paths.eval / 'geneval'})" if spec.eval.shapes else ")"),
              f"model bundle:     {spec.paths.bundle}",
-             f"try it:           visgen generate \"a red circle left of a blue square\" --out out.png --bundle {spec.paths.bundle}",
+             (f"try it:           visgen generate \"a red circle left of a blue square\" --out out.png --bundle {spec.paths.bundle}"
+              if spec.eval.shapes else
+              f"try it:           visgen generate \"A CAPTION LIKE YOUR DATA'S\" --out out.png --bundle {spec.paths.bundle}\n"
+              f"                  visgen caption photo.jpg --bundle {spec.paths.bundle}"),
              f"serve it:         visgen serve --pipeline {pipeline} --workdir {spec.workdir}   "
              f"(playground: http://127.0.0.1:{spec.serve.port}/)"]
     if uri.startswith("sqlite:"):

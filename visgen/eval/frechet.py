@@ -1,4 +1,4 @@
-"""Fréchet distance between generated and real shapes images, on the judge's features.
+"""Fréchet distance between generated and real images: on the shapes judge's features, and the math for any features.
 
 The distance fits a Gaussian to each set of feature vectors and reports
 
@@ -17,6 +17,10 @@ images; these features only know the shapes domain, have a different dimension a
 depend on the judge's weights (the judge's fingerprint is reported with every value). Use it to
 compare models scored with the same judge, on the same resolution and sample size — the estimate
 is biased upwards for small samples, so compare numbers computed from equally many images.
+
+The Gaussian fit and the distance (:func:`frechet_from_features`) serve any features: on data that
+is not shapes, :mod:`visgen.eval.generic` reports ``frechet_vq_encoder`` on the image tokenizer's
+encoder features, with the same caveats (not FID; comparable only under one image tokenizer).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from pydantic import Field
 from visgen.config import Section
 from visgen.data import captions, shapes
 from visgen.data.shapes import ObjectSlot, Prompt
+from visgen.eval.generic import prompt_sheet
 from visgen.eval.judge import Detection, Judge, encode_decode_jpeg, judge_accuracy
 
 log = logging.getLogger("visgen.eval.geneval")
@@ -412,9 +413,6 @@ def task_grids(records: Sequence[Mapping], images: Sequence[np.ndarray], verdict
     The label uses PIL's built-in font, which has Latin glyphs only: pass ``language="en"`` (the
     Chinese prompts name the same slots as the English ones with the same number).
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=11)
     verdicts = list(verdicts) if verdicts is not None else [None] * len(records)
     out: dict[str, np.ndarray] = {}
     for task in TASKS:
@@ -422,26 +420,9 @@ def task_grids(records: Sequence[Mapping], images: Sequence[np.ndarray], verdict
                   if r["task"] == task and r.get("lang", "en") == language][:per_task]
         if not picked:
             continue
-        h, w = np.asarray(picked[0][1]).shape[:2]
-        cw, ch = w * scale, h * scale + label_px
-        sheet = Image.new("RGB", (len(picked) * (cw + 4) + 4, ch + 8), (255, 255, 255))
-        draw = ImageDraw.Draw(sheet)
-        for i, (rec, im, ok) in enumerate(picked):
-            x = 4 + i * (cw + 4)
-            sheet.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)).resize((cw, h * scale), Image.Resampling.NEAREST),
-                        (x, 4))
-            words, lines = str(rec["prompt"]).split(), [""]
-            for word in words:  # wrap to the cell's width
-                trial = (lines[-1] + " " + word).strip()
-                if draw.textlength(trial, font=font) <= cw or not lines[-1]:
-                    lines[-1] = trial
-                else:
-                    lines.append(word)
-            if ok is not None:
-                lines.append("ok" if ok else "miss")
-            draw.multiline_text((x, 6 + h * scale), "\n".join(lines[:4]), font=font, spacing=0,
-                                fill=(0, 110, 0) if ok else (0, 0, 0) if ok is None else (180, 0, 0))
-        out[task] = np.asarray(sheet)
+        out[task] = prompt_sheet([im for _, im, _ in picked], [str(r["prompt"]) for r, _, _ in picked],
+                                 notes=[None if ok is None else "ok" if ok else "miss" for _, _, ok in picked],
+                                 scale=scale, label_px=label_px)
     return out
 
 

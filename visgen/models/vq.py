@@ -125,6 +125,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                  z_channels=256, codebook_size=16384, codebook_dim=8, usage_window=1000,
                  l1_weight=0.0, l2_weight=1.0, use_gan=True, disc_start=20000,
                  disc_channels=64, disc_layers=3),
+    # Photos and other natural images (own data; the spec's data.ingest.resolution must match).
+    # More codes than the shapes presets (photos use many more), L1 + L2 (L1 keeps edges sharper).
+    # 64 px, 8x down -> 8x8 tokens: trainable on a CPU (a few thousand steps, hours on 2 cores).
+    "photo-64": dict(resolution=64, base_channels=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, mid_attention=False,
+                     z_channels=64, codebook_size=2048, codebook_dim=8, usage_window=200,
+                     l1_weight=1.0, l2_weight=1.0, use_gan=False, disc_start=5000,
+                     disc_channels=32, disc_layers=3),
+    # 128 px, 8x down -> 16x16 tokens: a single GPU; the PatchGAN joins once reconstruction settles.
+    "photo-128": dict(resolution=128, base_channels=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
+                      z_channels=128, codebook_size=8192, codebook_dim=8, usage_window=1000,
+                      l1_weight=1.0, l2_weight=1.0, use_gan=True, disc_start=10000,
+                      disc_channels=64, disc_layers=3),
+    # 256 px, 16x down -> 16x16 tokens (LlamaGen VQ-16 geometry): GPU.
+    "photo-256": dict(resolution=256, base_channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, mid_attention=True,
+                      z_channels=256, codebook_size=16384, codebook_dim=8, usage_window=1000,
+                      l1_weight=1.0, l2_weight=1.0, use_gan=True, disc_start=20000,
+                      disc_channels=64, disc_layers=3),
 }
 
 
