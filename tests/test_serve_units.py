@@ -325,3 +325,29 @@ def test_the_ingress_is_a_module_class_configured_through_init():
     assert status == 422 and json.loads(body)["error"]["limit"] == 3
     status, _, body = _asgi_call(api, "GET", "/healthz")
     assert status == 200 and json.loads(body) == {"status": "ok", "version": "3"}
+
+
+def test_replica_warm_up_follows_the_config(tmp_path):
+    """compile_decode / warmup: 'auto' on a CPU replica neither compiles nor warms; 'on' compiles the
+    decode steps and generates + captions at batch 1 and max_batch_size before taking traffic."""
+    import visgen
+    from bundles import make_bundle
+    from visgen.serve.model import VisgenModel
+
+    pipe = visgen.Pipeline.load(make_bundle(tmp_path), device="cpu")
+    compiled: list[bool] = []
+    pipe.lm.compile_decode = lambda *a, **k: compiled.append(True)  # the real one takes minutes on a CPU
+
+    def replica(**cfg):
+        return VisgenModel(ServeConfig(poll_interval_s=0, max_batch_size=3, **cfg).model_dump(mode="json"), None,
+                           loader=lambda uri, tracking_uri, device: (pipe, {"version": "7"}),
+                           probe=lambda uri, tracking_uri: None)
+
+    assert "warmup_s" not in replica().info() and compiled == []
+    info = replica(compile_decode="on").info()  # warmup 'auto' follows the compilation
+    assert compiled == [True]
+    assert set(info["warmup_s"]) == {"generate@1", "caption@1", "generate@3", "caption@3"}
+    assert all(t > 0 for t in info["warmup_s"].values())
+    assert "warmup_s" in replica(warmup="on").info() and compiled == [True]
+    with pytest.raises(ValueError, match="compile_decode"):
+        ServeConfig(compile_decode="always")

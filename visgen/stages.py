@@ -331,7 +331,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     summary["lm_eval"] = {k: v for k, v in ev.items() if isinstance(v, (int, float)) and k.startswith(EVAL_SUMMARY_KEYS)}
     summary["eval_lm_s"] = round(time.perf_counter() - t, 1)
 
-    t = _banner(9, steps, "register the bundle in MLflow; promote it to champion when it is at least as good")
+    t = _banner(9, steps, "register the bundle in MLflow; promote it to champion when it passes the gate (retrain.gate_*)")
     summary["registry"] = publish(spec)
     print(json.dumps(summary["registry"], indent=1))
 

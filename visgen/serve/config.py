@@ -65,6 +65,13 @@ class ServeConfig(Section):
     unhealthy_after_failures: int = Field(3, ge=1, le=1000,
                                           description="Consecutive failed model calls (HTTP 500s) after which the replica reports "
                                                       "unhealthy and Serve replaces it.")
+    compile_decode: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compile the transformer's one-token decode steps in each model replica (CUDA graphs on "
+                            "a GPU); auto = on when the replica runs on a GPU (compiling on a CPU takes minutes).")
+    warmup: Literal["auto", "on", "off"] = Field(
+        "auto", description="Before a replica (or a reloaded version) takes traffic, generate and caption once at "
+                            "batch 1 and at max_batch_size, so no request waits for compilation or graph capture; "
+                            "auto = on when the decode steps are compiled.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Per-request limits.")
 
     @model_validator(mode="after")

@@ -179,6 +179,13 @@ class VisgenModel:
                 "image_prep": pipe.image_prep.model_dump(mode="json"),
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         log.info("loaded %s version %s in %.1f s", model_uri, info.get("version"), time.perf_counter() - t0)
+        compiled = self.cfg.compile_decode == "on" or (self.cfg.compile_decode == "auto" and pipe.device.type == "cuda")
+        if compiled:
+            pipe.lm.compile_decode()
+        if self.cfg.warmup == "on" or (self.cfg.warmup == "auto" and compiled):
+            info["warmup_s"] = warm_up(pipe, sorted({1, self.cfg.max_batch_size}))
+            log.info("warmed %s version %s (compiled decode: %s): %s", model_uri, info.get("version"), compiled,
+                     info["warmup_s"])
         return Served(pipe=pipe, info=info)
 
     async def _switch(self, model_uri: str, version: str | None, why: str) -> None:
@@ -335,3 +342,18 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - constructed outside a replica (unit tests, local mode)
         return "local"
+
+
+def warm_up(pipe, batch_sizes: list[int]) -> dict[str, float]:
+    """Generate and caption once at each batch size (requests of the shapes a replica serves), so
+    that compilation, CUDA graph capture and allocator growth happen before the first request.
+    Returns the seconds each took, by ``"generate@B"`` / ``"caption@B"``."""
+    times: dict[str, float] = {}
+    for b in batch_sizes:
+        t0 = time.perf_counter()
+        images = pipe.generate(["warm-up"] * b, seed=0, batch_size=b)
+        times[f"generate@{b}"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        pipe.caption(images, batch_size=b)
+        times[f"caption@{b}"] = round(time.perf_counter() - t0, 3)
+    return times
