@@ -11,10 +11,6 @@ STAMP := $(VENV)/.visgen-installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PIPELINE ?= pipelines/shapes-32.yaml
 PYTEST_ARGS ?=
-# Two pytest workers: the end-to-end modules that drive jobs through child processes on one, the
-# rest on the other (groups in tests/conftest.py). PYTEST_WORKERS=0 runs everything in one process.
-PYTEST_WORKERS ?= 2
-PYTEST_DIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -28,10 +24,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_DIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest $(PYTEST_DIST) -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python jobs/pipeline.py --pipeline $(PIPELINE)

@@ -22,16 +22,3 @@ def ray_session():
                  configure_logging=False, log_to_driver=True)
     yield ray
     # Left running until interpreter exit: shutting down and restarting Ray costs seconds per test.
-
-
-# `make test` runs two pytest workers (`-n 2 --dist loadgroup`). The modules below drive whole
-# jobs through child processes (their own `ray start` head, `ray job submit`, `jobs/*.py`) and
-# spend much of their time waiting on them, so they run on one worker while every other test runs
-# on the other, in file order, sharing that worker's one Ray instance.
-STANDALONE_MODULES = {"test_e2e_pipeline.py", "test_own_data.py", "test_two_nodes.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "standalone" if item.path.name in STANDALONE_MODULES else "session"
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -91,7 +91,7 @@ def captioned(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     cfg = PackConfig(source=str(src), output=str(tmp_path / "out-a"), captions=str(captions), shard_size=4,
-                     min_size=16)
+                     min_size=16, shuffle=False)  # sorted input order: the keys below are predictable
     return cfg, src
 
 
@@ -256,7 +256,7 @@ def test_parquet_class_labels_become_captions_through_templates(tmp_path):
     pq.write_table(table, path)
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"healthy": {"zh": "健康的叶子"}}, ensure_ascii=False), encoding="utf-8")
-    p = plan(PackConfig(source=str(path), output=str(tmp_path / "o"), labels=str(labels),
+    p = plan(PackConfig(source=str(path), output=str(tmp_path / "o"), labels=str(labels), shuffle=False,
                         templates={"en": "a photo of a {label} leaf", "zh": "一张{label}的照片"}))
     assert p.layout == "parquet"
     assert [(s.source, s.caption, s.language) for s in p.samples[:4]] == [
@@ -271,6 +271,7 @@ def test_every_pack_flag_reaches_its_field(tmp_path):
     argv = ["data", "pack", "SRC", "--out", "OUT", "--layout", "captions", "--captions", "c.jsonl",
             "--labels", "l.json", "--template", "a {label}", "--template-zh", "{label}的照片",
             "--image-column", "img", "--text-column", "txt", "--language-column", "lng", "--shard-size", "7",
+            "--no-shuffle", "--shuffle-seed", "5",
             "--image-format", "webp", "--jpeg-quality", "80", "--min-size", "9", "--max-image-pixels", "1000",
             "--max-member-bytes", "2048", "--quarantine", "Q", "--cpus-per-shard", "0.25"]
     args = build_parser().parse_args(argv)
@@ -278,7 +279,33 @@ def test_every_pack_flag_reaches_its_field(tmp_path):
     assert cfg.model_dump() == {
         "source": "SRC", "output": "OUT", "layout": "captions", "captions": "c.jsonl", "labels": "l.json",
         "templates": {"en": "a {label}", "zh": "{label}的照片"}, "image_column": "img", "text_column": "txt",
-        "language_column": "lng", "shard_size": 7, "image_format": "webp", "jpeg_quality": 80, "min_size": 9,
+        "language_column": "lng", "shard_size": 7, "shuffle": False, "shuffle_seed": 5, "image_format": "webp", "jpeg_quality": 80, "min_size": 9,
         "max_image_pixels": 1000, "max_member_bytes": 2048, "quarantine_dir": "Q", "cpus_per_shard": 0.25}
     defaults = validate_section(PackConfig, pack_fields(build_parser().parse_args(["data", "pack", "S", "--out", "O"])))
     assert defaults == PackConfig(source="S", output="O")
+
+
+def test_images_are_shuffled_with_their_captions_kept_together(tmp_path):
+    """A class-sorted ImageFolder: shuffled, every image's two captions stay adjacent (one shard), the
+    last shard holds more than the last class, the same seed gives the same plan; --no-shuffle
+    keeps the sorted order."""
+    from visgen.data.pack import plan
+
+    src = tmp_path / "src"
+    for label in ("cat", "dog", "fox"):
+        (src / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(src / label / f"{i}.png")
+    templates = {"en": "a photo of a {label}", "zh": "一张{label}的照片"}
+    base = dict(source=str(src), output=str(tmp_path / "o"), templates=templates)
+    shuffled = plan(PackConfig(**base)).samples
+    ordered = plan(PackConfig(**base, shuffle=False)).samples
+    assert [s.source for s in ordered] == sorted(s.source for s in ordered)
+    assert sorted(s.source for s in shuffled) == sorted(s.source for s in ordered)
+    assert [s.source for s in shuffled] != [s.source for s in ordered]
+    pairs = [(shuffled[i], shuffled[i + 1]) for i in range(0, len(shuffled), 2)]
+    assert all(a.source == b.source and (a.language, b.language) == ("en", "zh") for a, b in pairs)
+    last_shard = {s.extra["class"] for s in shuffled[-12:]}  # shard_size 12: the last of three
+    assert len(last_shard) > 1, last_shard
+    assert [s.source for s in plan(PackConfig(**base)).samples] == [s.source for s in shuffled]
+    assert [s.source for s in plan(PackConfig(**base, shuffle_seed=1)).samples] != [s.source for s in shuffled]

@@ -328,7 +328,7 @@ def test_the_ingress_is_a_module_class_configured_through_init():
 
 
 def test_replica_warm_up_follows_the_config(tmp_path):
-    """compile_decode / warmup: 'auto' on a CPU replica neither compiles nor warms; 'on' compiles the
+    """compile_decode / warmup: 'auto' on a CPU replica neither compiles nor warms; true compiles the
     decode steps and generates + captions at batch 1 and max_batch_size before taking traffic."""
     import visgen
     from bundles import make_bundle
@@ -344,10 +344,10 @@ def test_replica_warm_up_follows_the_config(tmp_path):
                            probe=lambda uri, tracking_uri: None)
 
     assert "warmup_s" not in replica().info() and compiled == []
-    info = replica(compile_decode="on").info()  # warmup 'auto' follows the compilation
+    info = replica(compile_decode=True).info()  # warmup 'auto' follows the compilation
     assert compiled == [True]
     assert set(info["warmup_s"]) == {"generate@1", "caption@1", "generate@3", "caption@3"}
     assert all(t > 0 for t in info["warmup_s"].values())
-    assert "warmup_s" in replica(warmup="on").info() and compiled == [True]
+    assert "warmup_s" in replica(warmup=True).info() and compiled == [True]
     with pytest.raises(ValueError, match="compile_decode"):
         ServeConfig(compile_decode="always")

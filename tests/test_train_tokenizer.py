@@ -123,7 +123,7 @@ def test_two_cpu_workers_with_gan_lower_the_loss(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_run_resumes_from_last_checkpoint_and_rerun_continues(data, tmp_path):
+def test_worker_killed_mid_run_resumes_from_last_checkpoint(data, tmp_path):
     ds, holdout = data
     marker = tmp_path / "crashed"
     tc = train_cfg(steps=12, checkpoint_every=4, log_every=2, max_failures=1)
@@ -135,11 +135,8 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint_and_rerun_continues(
     assert [h["step"] for h in res.fit.history] == [6, 8, 10, 12]
     run_dir = tmp_path / "ray_results" / "image_tokenizer"
     assert [s for s, _ in list_checkpoints(run_dir)] == [8, 12]
-
-    again = train_image_tokenizer(vq_config("tiny"), train_cfg(steps=16, checkpoint_every=4, log_every=2),
-                                  ScalingConfig(num_workers=2), ds, holdout=holdout, workdir=tmp_path)
-    assert again.fit.resumed_from == 12 and again.fit.step == 16
-    assert read_progress(run_dir / "checkpoint_00000016")[0].samples_seen == 16 * 16
+    # (a re-run continuing a finished run is covered in local mode above; tests/test_two_nodes.py
+    # restarts a worker group on another node)
 
 
 def test_job_entry_point_reports_a_bad_spec(tmp_path):

@@ -26,7 +26,7 @@ from net import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-STEPS, EVERY = 120, 10
+STEPS, EVERY = 40, 5
 
 
 def _env() -> dict:

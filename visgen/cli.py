@@ -421,6 +421,10 @@ EXTRA_FLAGS = {
         ("--language-column", {"dest": "pack:language_column", "metavar": "NAME",
                                "help": "language column (default: language/lang if present, else detected)"}),
         ("--shard-size", {"dest": "pack:shard_size", "metavar": "N", "type": int, "help": "samples per shard (default: 1000)"}),
+        ("--shuffle", {"dest": "pack:shuffle", "action": argparse.BooleanOptionalAction,
+                       "help": "shuffle the images (each with its captions) before cutting shards, so every shard is "
+                               "a random sample (default: on; --no-shuffle keeps the sorted input order)"}),
+        ("--shuffle-seed", {"dest": "pack:shuffle_seed", "metavar": "N", "type": int, "help": "seed of the shuffle (default: 0)"}),
         ("--image-format", {"dest": "pack:image_format", "choices": ["keep", "jpg", "png", "webp"],
                             "help": "keep the original bytes, or re-encode other formats (default: keep)"}),
         ("--jpeg-quality", {"dest": "pack:jpeg_quality", "metavar": "Q", "type": int, "help": "re-encoding quality (default: 95)"}),

@@ -22,7 +22,8 @@ Output directory::
     _pack_manifest.json  input signature, options and whether every shard is written
     _quarantine/         q-*.parquet: the rejected samples (key, shard, reason, detail), as ingest writes it
 
-Samples are planned on the driver in sorted input order (paths sorted; parquet row order) and
+Samples are planned on the driver in sorted input order (paths sorted; parquet row order), then
+shuffled by image with a seed (``shuffle``; an image's captions stay together), and
 sample ``i`` goes to shard ``i // shard_size`` with key ``<shard><index in shard>``, so the same
 inputs always give the same keys. One Ray task writes one shard. Each sample goes through
 ingest's own validation (:func:`visgen.data.ingest.process_samples`: caption rules, then image
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from visgen.config import Section
@@ -109,6 +111,10 @@ class PackConfig(Section):
     language_column: str | None = Field(None, description="Column holding each caption's language "
                                         "(default: 'language' or 'lang' when present, else detected).")
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="Samples planned per shard.")
+    shuffle: bool = Field(True, description="Shuffle the images (each with all its captions) before cutting shards, so "
+                                            "every shard, the held-out last one included, is a random sample of a "
+                                            "class-sorted input; off: sorted input order.")
+    shuffle_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of that shuffle (the same seed, the same shards).")
     image_format: Literal["keep", "jpg", "png", "webp"] = Field(
         "keep", description="'keep': the original bytes; else images in another format are re-encoded.")
     jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of re-encoded JPEG / WebP images.")
@@ -494,7 +500,21 @@ def plan(cfg: PackConfig) -> Plan:
         result = _plan_imagefolder(cfg, src, skip)
     if not result.samples:
         raise PackError(f"SRC {cfg.source!r} (layout {result.layout!r}) gives no samples: {result.note}")
+    if cfg.shuffle:
+        result.samples = shuffled_by_image(result.samples, cfg.shuffle_seed)
     return result
+
+
+def shuffled_by_image(samples: list[Planned], seed: int) -> list[Planned]:
+    """``samples`` in a seeded random order of their images; an image's captions stay together, in
+    their order (so they land in the same shard: a held-out image is never trained on in another
+    language)."""
+    groups: dict[tuple[str, int], list[Planned]] = {}
+    for s in samples:
+        groups.setdefault((s.path, s.row), []).append(s)
+    order = list(groups.values())
+    perm = np.random.default_rng(seed).permutation(len(order))
+    return [s for i in perm for s in order[i]]
 
 
 def signature(cfg: PackConfig, p: Plan) -> str:

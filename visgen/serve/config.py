@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from visgen.config import Section
 
@@ -26,6 +26,15 @@ class ServeLimits(Section):
     max_temperature: float = Field(5.0, ge=0.0, le=10.0, description="Largest sampling temperature accepted.")
     max_top_k: int = Field(100_000, ge=0, le=1 << 20, description="Largest top_k accepted (0 = all codes is always allowed).")
     max_seed: int = Field(2**31 - 1, ge=0, le=2**62, description="Largest seed accepted.")
+
+
+def _auto_or_bool(v: Any) -> Any:
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise ValueError("expected 'auto', true or false")
+
+
+AutoOrBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 
 
 class ServeConfig(Section):
@@ -65,13 +74,13 @@ class ServeConfig(Section):
     unhealthy_after_failures: int = Field(3, ge=1, le=1000,
                                           description="Consecutive failed model calls (HTTP 500s) after which the replica reports "
                                                       "unhealthy and Serve replaces it.")
-    compile_decode: Literal["auto", "on", "off"] = Field(
+    compile_decode: AutoOrBool = Field(
         "auto", description="Compile the transformer's one-token decode steps in each model replica (CUDA graphs on "
-                            "a GPU); auto = on when the replica runs on a GPU (compiling on a CPU takes minutes).")
-    warmup: Literal["auto", "on", "off"] = Field(
+                            "a GPU); auto = true when the replica runs on a GPU (compiling on a CPU takes minutes).")
+    warmup: AutoOrBool = Field(
         "auto", description="Before a replica (or a reloaded version) takes traffic, generate and caption once at "
                             "batch 1 and at max_batch_size, so no request waits for compilation or graph capture; "
-                            "auto = on when the decode steps are compiled.")
+                            "auto = true when the decode steps are compiled.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Per-request limits.")
 
     @model_validator(mode="after")

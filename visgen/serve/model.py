@@ -179,10 +179,10 @@ class VisgenModel:
                 "image_prep": pipe.image_prep.model_dump(mode="json"),
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         log.info("loaded %s version %s in %.1f s", model_uri, info.get("version"), time.perf_counter() - t0)
-        compiled = self.cfg.compile_decode == "on" or (self.cfg.compile_decode == "auto" and pipe.device.type == "cuda")
+        compiled = self.cfg.compile_decode is True or (self.cfg.compile_decode == "auto" and pipe.device.type == "cuda")
         if compiled:
             pipe.lm.compile_decode()
-        if self.cfg.warmup == "on" or (self.cfg.warmup == "auto" and compiled):
+        if self.cfg.warmup is True or (self.cfg.warmup == "auto" and compiled):
             info["warmup_s"] = warm_up(pipe, sorted({1, self.cfg.max_batch_size}))
             log.info("warmed %s version %s (compiled decode: %s): %s", model_uri, info.get("version"), compiled,
                      info["warmup_s"])
