@@ -18,7 +18,6 @@ accuracy as one JSON line at the end.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
