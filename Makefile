@@ -6,8 +6,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.visgen-installed
 # torch/torchvision are installed first, pinned to builds a pip cache or mirror usually holds;
 # pyproject.toml only asks for ranges. Override e.g. `make test TORCH_SPEC="torch torchvision"`.
-# --no-compile: pip would byte-compile every installed file (most of the set-up's CPU time, mostly
-# for modules never imported); Python compiles and caches what is imported, on first import.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PIPELINE ?= pipelines/shapes-32.yaml
 PYTEST_ARGS ?=
@@ -19,8 +17,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
 test: setup
