@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from visgen.config import Section
+from visgen.train.config import AutoOrBool
 
 
 class ServeLimits(Section):
@@ -26,15 +27,6 @@ class ServeLimits(Section):
     max_temperature: float = Field(5.0, ge=0.0, le=10.0, description="Largest sampling temperature accepted.")
     max_top_k: int = Field(100_000, ge=0, le=1 << 20, description="Largest top_k accepted (0 = all codes is always allowed).")
     max_seed: int = Field(2**31 - 1, ge=0, le=2**62, description="Largest seed accepted.")
-
-
-def _auto_or_bool(v: Any) -> Any:
-    if v == "auto" or isinstance(v, bool):
-        return v
-    raise ValueError("expected 'auto', true or false")
-
-
-AutoOrBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 
 
 class ServeConfig(Section):

@@ -30,6 +30,10 @@ def _auto_or_bool(v: Any) -> Any:
     raise ValueError("expected 'auto', true or false")
 
 
+# A setting that is 'auto' (decided from the machine) or forced true / false (spec, YAML, CLI flag).
+AutoOrBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
+
+
 class TrainConfig(Section):
     """The optimisation loop shared by every trainer: steps, optimiser, schedule, checkpoints, logging."""
 
@@ -57,7 +61,7 @@ class TrainConfig(Section):
                                   "feed thread's queue (collate, pinned memory; at least 1) and, when streaming, Ray "
                                   "Data's prefetch.")
     shuffle_buffer: int = Field(0, ge=0, le=1_000_000, description="Streaming feed only: rows in each worker's local shuffle buffer; 0 keeps the stream order.")
-    data_in_memory: Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)] = Field(
+    data_in_memory: AutoOrBool = Field(
         "auto", description="true: read the training split into memory once (one copy per node in Ray's object "
         "store, shared by its workers) and draw batches from it, in a fresh order every epoch from (seed, epoch), so a "
         "resumed run continues the interrupted epoch exactly; false: stream it from Ray Data on every pass; 'auto': "
@@ -77,7 +81,7 @@ class ScalingConfig(Section):
 
     num_workers: int = Field(2, ge=0, le=4096,
                              description="Training workers (DDP ranks); 0 runs the loop in the driver process (Ray Train local mode).")
-    use_gpu: Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)] = Field("auto", description="Train on GPUs; 'auto' = when the cluster has at least one.")
+    use_gpu: AutoOrBool = Field("auto", description="Train on GPUs; 'auto' = when the cluster has at least one.")
     cpus_per_worker: Annotated[Literal["auto"] | float, BeforeValidator(_auto_or_cpus)] = Field(
         "auto", description="CPUs reserved per worker (and its torch threads); 'auto' = (cluster CPUs - data_cpus) / num_workers.")
     gpus_per_worker: float = Field(1.0, gt=0, le=16, description="GPUs per worker when training on GPU (fractions share a device).")
