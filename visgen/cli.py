@@ -8,6 +8,7 @@ reaches any other field. Values are validated by the same classes that validate 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -235,8 +236,11 @@ def cmd_eval_lm(args):
 def _load_pipeline(args):
     from visgen.pipeline import Pipeline
 
-    source = args.bundle or str(spec_from_args(args).paths.bundle)
-    return Pipeline.load(source, device=args.device)
+    if args.bundle:
+        return Pipeline.load(args.bundle, device=args.device)
+    paths = spec_from_args(args).paths
+    # An object store workdir: its bundle from the bucket (a cached copy on this machine).
+    return Pipeline.load(paths.location(paths.bundle), device=args.device)
 
 
 def _output_paths(out: str, count: int) -> list["Path"]:
@@ -282,28 +286,37 @@ def cmd_edit(args):
     _save_images([image], args.out)
 
 
+@contextlib.contextmanager
 def _registry(args):
+    """The spec's registry; for an object store workdir its sqlite store is pulled from the bucket
+    first and pushed back after a change."""
     from visgen.registry import Registry
 
     spec = spec_from_args(args)
-    return Registry.from_config(spec.tracking, spec.workdir)
+    spec.paths.pull("mlflow.db")
+    yield Registry.from_config(spec.tracking, spec.workdir), spec
+    spec.paths.push("mlflow.db")
 
 
 def cmd_register(args):
     from visgen.config import parse_override
 
     tags = dict(parse_override(t) for t in args.tag or [])
-    info = _registry(args).register(args.bundle or spec_from_args(args).paths.bundle, tags=tags,
-                                    verify=not args.no_verify)
+    with _registry(args) as (reg, spec):
+        if not args.bundle:
+            spec.paths.pull("models/bundle")
+        info = reg.register(args.bundle or spec.paths.bundle, tags=tags, verify=not args.no_verify)
     _print_json({"version": info.version, "source": info.source, "tags": info.tags})
 
 
 def cmd_promote(args):
-    _print_json({"aliases": _registry(args).promote(args.version)})
+    with _registry(args) as (reg, _):
+        _print_json({"aliases": reg.promote(args.version)})
 
 
 def cmd_rollback(args):
-    _print_json({"aliases": _registry(args).rollback()})
+    with _registry(args) as (reg, _):
+        _print_json({"aliases": reg.rollback()})
 
 
 def cmd_serve(args):
@@ -313,6 +326,7 @@ def cmd_serve(args):
     from visgen.runtime import init_ray
 
     spec = spec_from_args(args)
+    spec.paths.pull("mlflow.db")  # an object store workdir: its registry, from the bucket
     init_ray()
     print(f"serving {spec.serve.model_uri} on http://{spec.serve.host}:{spec.serve.port}{spec.serve.route_prefix} "
           f"(playground at /, API docs at /docs); Ctrl-C stops", flush=True)

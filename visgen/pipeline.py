@@ -152,16 +152,29 @@ def write_bundle_eval(bundle_dir: str | Path, results: dict) -> Path:
     return d / EVAL_FILE
 
 
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")  # read with pyarrow (visgen.storage)
+
+
 def resolve_bundle(source: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local bundle directory for ``source``: a path, or an MLflow URI (``models:/visgen@champion``,
-    ``runs:/<id>/bundle``) downloaded to a temporary directory. ``tracking_uri`` names the store
-    (default: ``$MLFLOW_TRACKING_URI`` / the process's current one)."""
+    """A local bundle directory for ``source``: a path; an object store URL (``s3://bucket/run/models/bundle``,
+    ``gs://...``), copied to this node's cache (:func:`visgen.storage.local_copy`: downloaded once,
+    again only when it changed); or an MLflow URI (``models:/visgen@champion``, ``runs:/<id>/bundle``)
+    downloaded to a temporary directory. ``tracking_uri`` names the store (default:
+    ``$MLFLOW_TRACKING_URI`` / the process's current one)."""
     s = str(source)
     if "://" not in s and not s.startswith(("models:/", "runs:/")):
         p = Path(s).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"bundle {s!r} does not exist (a bundle directory or an MLflow URI like models:/visgen@champion)")
         return p
+    if s.split("://", 1)[0].lower() in OBJECT_STORE_SCHEMES:
+        from visgen import storage
+
+        local = storage.local_copy(s)
+        if not (local / MANIFEST).is_file():
+            raise FileNotFoundError(f"{s} holds no {MANIFEST}: not a model bundle (the pipeline writes one to "
+                                    "<workdir>/models/bundle)")
+        return local
     dst = tempfile.mkdtemp(prefix="visgen-bundle-")
     local = download_artifacts(s, dst, tracking_uri=tracking_uri)
     if not (local / MANIFEST).is_file():  # a model version whose artifacts hold the bundle one level down

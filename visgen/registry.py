@@ -181,7 +181,9 @@ class Registry:
         if not name or "/" in name or "@" in name:
             raise ValueError(f"registered model name {name!r} must be non-empty without '/' or '@'")
         self.tracking_uri, self.name, self.experiment = tracking_uri, name, experiment
-        self.workdir = Path(workdir).expanduser().resolve() if workdir is not None else None
+        # A local directory or an object store URL (see visgen.config.Workdir).
+        self.workdir = (str(workdir) if "://" in str(workdir) else Path(workdir).expanduser().resolve()) \
+            if workdir is not None else None
         self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     @classmethod

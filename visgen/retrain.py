@@ -35,6 +35,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from visgen import storage
 from visgen.config import Section, replace
 from visgen.data.sources import expand_source, shard_signature
 
@@ -101,7 +102,7 @@ def _shards_key(spec) -> str:
 def retrain(spec, cfg: RetrainConfig | None = None) -> dict:
     """One retrain attempt (see the module docstring); returns the decision record."""
     cfg = cfg or spec.retrain
-    wd = Path(spec.workdir)
+    wd = spec.paths.root  # the lock is per machine: for an object store workdir, in its local mirror
     try:
         with retrain_lock(wd):
             return _retrain_locked(spec, cfg)
@@ -119,8 +120,8 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     from visgen.runtime import init_ray
     from visgen.train.lm import train_lm
 
-    wd = Path(spec.workdir)
-    reg = Registry.from_config(spec.tracking, wd)
+    wd = spec.paths.root  # local files of this attempt (the local mirror of an object store workdir)
+    reg = Registry.from_config(spec.tracking, spec.workdir)
     try:
         champion = reg.resolve(CHAMPION)
     except LookupError as err:
@@ -151,16 +152,21 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     init_ray()
 
     # The champion's own tokenizers, frozen: the challenger differs only in the transformer.
-    cache = build_token_cache(spec.data.ingest, str(champ_dir / "text_tokenizer.json"), str(champ_dir),
-                              str(run_dir / "token_cache"), spec.token_cache, str(spec.paths.quarantine))
+    # What Ray tasks and Train workers read (on any node): in the bucket when the workdir is one.
+    shared_champ = spec.paths.location(champ_dir)
+    if spec.paths.remote:
+        storage.upload(champ_dir, shared_champ)
+    cache_dir = spec.paths.location(f"retrain/{stamp}/token_cache")
+    cache = build_token_cache(spec.data.ingest, storage.join(shared_champ, "text_tokenizer.json"), shared_champ,
+                              cache_dir, spec.token_cache, spec.paths.quarantine)
     print(cache.format(), flush=True)
     from visgen.models.gpt import load_gpt
 
     model_cfg = load_gpt(champ_dir).cfg
     train_cfg = replace(spec.lm.train, steps=cfg.steps, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                         checkpoint_every=min(spec.lm.train.checkpoint_every, cfg.steps))
-    res = train_lm(model_cfg, spec.lm.recipe, train_cfg, spec.lm.scaling, cache_dir=run_dir / "token_cache",
-                   image_tokenizer_dir=champ_dir, text_tokenizer=champ_dir / "text_tokenizer.json", workdir=wd,
+    res = train_lm(model_cfg, spec.lm.recipe, train_cfg, spec.lm.scaling, cache_dir=cache_dir,
+                   image_tokenizer_dir=champ_dir, text_tokenizer=champ_dir / "text_tokenizer.json", workdir=spec.workdir,
                    sampling=spec.sampling, tracking=spec.tracking, run_name=f"retrain-{stamp}",
                    params={"retrain": cfg, "parent_version": champion.version}, init_from=champ_dir,
                    export_dir=run_dir / "lm")
@@ -176,7 +182,7 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     search = spec.eval.sampling_search
     searching = search.enabled and spec.eval.shapes
     tuned = tune_bundle(challenger_dir, search, judge=spec.eval.geneval.judge) if searching else None
-    kw = dict(ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions, workdir=wd,
+    kw = dict(ingest=spec.data.ingest, geneval=spec.eval.geneval, captions=spec.eval.captions, workdir=spec.workdir,
               heldout=spec.eval.heldout, shapes=spec.eval.shapes)
     challenger_eval = evaluate_bundle(challenger_dir, eval_dir=run_dir / "eval" / "challenger",
                                       tracking=spec.tracking, run_name=f"retrain-{stamp}",
@@ -194,4 +200,5 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
                   status="promoted" if decision.promote else "rejected", aliases=reg.aliases())
     log.info("retrain: version %s %s: %s", version, record["status"], decision.reason)
     (run_dir / "decision.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    spec.paths.push(f"retrain/{stamp}/decision.json", f"retrain/{stamp}/bundle", "mlflow.db")
     return record

@@ -36,6 +36,7 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
 
     out = spec.paths.text_tokenizer
     meta_path = out.with_suffix(".meta.json")
+    spec.paths.pull(out.name, meta_path.name)  # an object store workdir: its copy in the local mirror
     # The special tokens are part of what the file must hold: one trained before the language
     # tokens (<en>, <zh>) existed is retrained here, not refused later by every stage that loads it.
     meta = {"config": spec.text_tokenizer.model_dump(mode="json"),
@@ -60,6 +61,7 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
     tok = train_text_tokenizer(captions(), spec.text_tokenizer)
     tok.save(out)
     meta_path.write_text(json.dumps(meta, indent=1))
+    spec.paths.push(out.name, meta_path.name)
     log.info("text tokenizer: vocab %d trained in %.1fs -> %s", tok.vocab_size, time.perf_counter() - t0, out)
     return out
 
@@ -69,8 +71,9 @@ def ingest(spec: PipelineSpec):
     from visgen.data.ingest import run_ingest
 
     init_ray()
+    spec.paths.pull("text_tokenizer.json")
     tok = spec.paths.text_tokenizer
-    return run_ingest(spec.data.ingest, str(tok) if tok.is_file() else None, str(spec.paths.quarantine))
+    return run_ingest(spec.data.ingest, spec.paths.shared(tok) if tok.is_file() else None, spec.paths.quarantine)
 
 
 def train_tokenizer(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
@@ -89,6 +92,7 @@ def eval_tokenizer(spec: PipelineSpec, run_name: str | None = None) -> dict:
     shapes data also the GenEval-shapes ceiling of its reconstructions (what a transformer can reach)."""
     from visgen.train.image_tokenizer import RUN_NAME, evaluate_image_tokenizer
 
+    spec.paths.pull("models/image_tokenizer")
     model_dir = spec.paths.models / "image_tokenizer"
     if not (model_dir.is_dir() and any(model_dir.iterdir())):
         raise FileNotFoundError(f"no trained image tokenizer in {model_dir}; run `visgen train tokenizer --pipeline ...` first")
@@ -109,15 +113,18 @@ def token_cache(spec: PipelineSpec, force: bool = False):
     from visgen.data.token_cache import build_token_cache
 
     model_dir = _trained_image_tokenizer(spec)
+    spec.paths.pull("text_tokenizer.json")
     tok = spec.paths.text_tokenizer
     if not tok.is_file():
         raise FileNotFoundError(f"no text tokenizer at {tok}; run `visgen data tokenizer --pipeline ...` first")
     init_ray()
-    return build_token_cache(spec.data.ingest, str(tok), str(model_dir), str(spec.paths.token_cache),
-                             spec.token_cache, str(spec.paths.quarantine), force=force)
+    # The encoder actors read both tokenizers on any node: their shared locations.
+    return build_token_cache(spec.data.ingest, spec.paths.shared(tok), spec.paths.shared(model_dir),
+                             spec.paths.token_cache, spec.token_cache, spec.paths.quarantine, force=force)
 
 
 def _trained_image_tokenizer(spec: PipelineSpec) -> Path:
+    spec.paths.pull("models/image_tokenizer")
     model_dir = spec.paths.models / "image_tokenizer"
     if not (model_dir / "image_tokenizer.json").is_file():
         raise FileNotFoundError(f"no trained image tokenizer in {model_dir}; run `visgen train tokenizer --pipeline ...` first")
@@ -128,10 +135,13 @@ def train_lm(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
     """Train the transformer on the token cache (resumes the run when checkpoints exist)."""
     from visgen.train.lm import RUN_NAME, train_lm as _train
 
+    from visgen import storage
+
     cache = spec.paths.token_cache
-    if not (cache / "manifest.json").is_file():
+    if not storage.is_file(storage.join(cache, "manifest.json")):
         raise FileNotFoundError(f"no token cache in {cache}; run `visgen data token-cache --pipeline ...` first")
     init_ray()
+    spec.paths.pull("text_tokenizer.json")
     lm = spec.lm
     return _train(lm.model, lm.recipe, lm.train, lm.scaling, cache_dir=cache,
                   image_tokenizer_dir=_trained_image_tokenizer(spec), text_tokenizer=spec.paths.text_tokenizer,
@@ -152,6 +162,7 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
     from visgen.pipeline import read_manifest, write_bundle
     from visgen.text.tokenizer import TextTokenizer
 
+    spec.paths.pull("models/lm", "models/bundle", "text_tokenizer.json")
     lm_dir, vq_dir = spec.paths.models / "lm", _trained_image_tokenizer(spec)
     if not (lm_dir / LM_JSON).is_file():
         raise FileNotFoundError(f"no trained transformer in {lm_dir}; run `visgen train lm --pipeline ...` first")
@@ -176,7 +187,8 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
             return out
     out = write_bundle(out, lm_dir=lm_dir, image_tokenizer_dir=vq_dir, text_tokenizer=spec.paths.text_tokenizer,
                        sampling=spec.sampling, image_prep=prep, extra={"pipeline": spec.name, "shards": shards})
-    log.info("bundle written to %s", out)
+    spec.paths.push("models/bundle")
+    log.info("bundle written to %s", spec.paths.location(out))
     return out
 
 
@@ -198,6 +210,8 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
     from visgen.eval.tune import tune_bundle
     from visgen.train.lm import RUN_NAME
 
+    if not bundle_dir:
+        spec.paths.pull("models/bundle")
     d = Path(bundle_dir) if bundle_dir else spec.paths.bundle
     if not (d / "manifest.json").is_file():
         raise FileNotFoundError(f"no model bundle in {d}; run `visgen train lm --pipeline ...` (it writes the bundle) first")
@@ -217,10 +231,12 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
         print(f"skipping GenEval-shapes, the caption slot benchmark"
               f"{' and the sampling search' if search.enabled else ''}: {_not_shapes(spec)}", flush=True)
     tuned = tune_bundle(d, search, judge=ev.geneval.judge) if searching else None
-    return evaluate_bundle(d, ingest=spec.data.ingest, geneval=ev.geneval, captions=ev.captions,
-                           workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME,
-                           sampling_search=search if searching else None, search_result=tuned,
-                           heldout=ev.heldout, shapes=ev.shapes)
+    result = evaluate_bundle(d, ingest=spec.data.ingest, geneval=ev.geneval, captions=ev.captions,
+                             workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME,
+                             sampling_search=search if searching else None, search_result=tuned,
+                             heldout=ev.heldout, shapes=ev.shapes)
+    spec.paths.push("eval", *(("models/bundle",) if not bundle_dir else ()))  # the bundle now holds its scores
+    return result
 
 
 def publish(spec: PipelineSpec) -> dict:
@@ -231,9 +247,11 @@ def publish(spec: PipelineSpec) -> dict:
     from visgen.registry import Registry
 
     reg = Registry.from_config(spec.tracking, spec.workdir)
+    spec.paths.pull("models/bundle")
     new = reg.register(spec.paths.bundle)
     gate = spec.retrain
     decision = reg.promote_if_better(new.version, gate.gate_metric, gate.margin, gate.gate_direction)
+    spec.paths.push("mlflow.db")  # an object store workdir keeps the sqlite registry next to the rest
     return {"version": new.version, "model": reg.name, "tracking_uri": reg.tracking_uri, **decision.as_dict(),
             "aliases": reg.aliases()}
 
@@ -283,6 +301,8 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     cache by its manifest, training by its checkpoints)."""
     t_start = time.perf_counter()
     summary: dict = {"pipeline": spec.name, "workdir": spec.workdir}
+    # An object store workdir: continue the MLflow store (runs, registry) a run elsewhere left there.
+    spec.paths.pull("mlflow.db")
     steps = 10
     t = _banner(1, steps, "shapes shards (Ray tasks)" if spec.data.synth is not None else "shards")
     if spec.data.synth is not None:
@@ -340,10 +360,11 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     print(json.dumps(summary["serve"], indent=1, ensure_ascii=False))
     summary["total_s"] = round(time.perf_counter() - t_start, 1)
     # Machine-readable record of the run for whoever submitted it (job logs are text).
-    out = Path(spec.workdir) / "summary.json"
+    out = spec.paths.root / "summary.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     tmp.replace(out)
+    spec.paths.push("summary.json", "mlflow.db")
     return summary
 
 
@@ -354,12 +375,13 @@ def where_to_look(spec: PipelineSpec, pipeline: str = "PIPELINE.yaml") -> str:
     from visgen.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec.tracking, spec.workdir)
-    lines = [f"artifacts:        {spec.workdir}  (this run: {Path(spec.workdir) / 'summary.json'})",
+    lines = [f"artifacts:        {spec.workdir}  (this run: {spec.paths.location('summary.json')})",
              f"quarantine table: {spec.paths.quarantine}",
              f"tokenizer eval:   {spec.paths.eval / 'image_tokenizer.json'}",
              f"model eval:       {spec.paths.eval / 'lm.json'}  (sample grid: {spec.paths.eval / 'heldout' / 'samples.png'}"
              + (f"; GenEval-shapes images: {spec.paths.eval / 'geneval'})" if spec.eval.shapes else ")"),
-             f"model bundle:     {spec.paths.bundle}",
+             f"model bundle:     {spec.paths.bundle}"
+             + (f"  (durable copy: {spec.paths.location(spec.paths.bundle)})" if spec.paths.remote else ""),
              (f"try it:           visgen generate \"a red circle left of a blue square\" --out out.png --bundle {spec.paths.bundle}"
               if spec.eval.shapes else
               f"try it:           visgen generate \"A CAPTION LIKE YOUR DATA'S\" --out out.png --bundle {spec.paths.bundle}\n"

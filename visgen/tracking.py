@@ -89,7 +89,10 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
         return env_uri
     if cfg.tracking_uri:
         return cfg.tracking_uri
-    return f"sqlite:///{Path(workdir).expanduser().resolve() / DB_NAME}"
+    from visgen.config import Workdir
+
+    # A remote workdir (s3://...) keeps the sqlite store in its local mirror: sqlite needs a file.
+    return f"sqlite:///{Workdir(workdir).root / DB_NAME}"
 
 
 def is_remote_store(uri: str) -> bool:
@@ -292,7 +295,7 @@ class Tracker:
                         tracker._disable(f"cannot reach the tracking server {uri} ({why}, "
                                          f"{time.perf_counter() - t0:.1f} s)")
                         return tracker
-            client, run_id, logged = open_run(cfg, uri, Path(workdir), run_name, tags)
+            client, run_id, logged = open_run(cfg, uri, workdir, run_name, tags)
         except Exception as err:  # noqa: BLE001 - any store/server failure must leave training running
             tracker._disable(f"could not start run {run_name!r} in experiment {cfg.experiment!r} at {uri}", err)
             return tracker
@@ -466,9 +469,16 @@ def open_run(cfg: TrackingConfig, uri: str, workdir: str | Path, run_name: str,
 
     artifact_location = None
     if not is_remote_store(uri):
-        artifact_dir = Path(workdir).expanduser().resolve() / ARTIFACT_DIR
-        artifact_dir.mkdir(parents=True, exist_ok=True)  # also creates workdir, which holds the sqlite file
-        artifact_location = artifact_dir.as_uri()
+        from visgen.config import Workdir
+
+        wd = Workdir(workdir)
+        wd.root.mkdir(parents=True, exist_ok=True)  # holds the sqlite file
+        if wd.remote:  # an object store workdir: the artifacts go to the bucket (MLflow's S3 / GCS stores)
+            artifact_location = wd.location(ARTIFACT_DIR)
+        else:
+            artifact_dir = wd.root / ARTIFACT_DIR
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            artifact_location = artifact_dir.as_uri()
     client = MlflowClient(tracking_uri=uri)
 
     exp = client.get_experiment_by_name(cfg.experiment)

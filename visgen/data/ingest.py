@@ -398,10 +398,12 @@ def clear_quarantine(quarantine_dir: str) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str) -> TextTokenizer:
-    # Loaded once per worker process; Ray reuses workers across tasks.
+    # Loaded once per worker process; Ray reuses workers across tasks. A URL (object store
+    # workdir) is read from this node's copy.
+    from visgen import storage
     from visgen.text.tokenizer import TextTokenizer
 
-    return TextTokenizer.load(path)
+    return TextTokenizer.load(storage.local_copy(path))
 
 
 def decoded_to_table(d: Decoded, resolution: int) -> pa.Table:

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from visgen import storage
 from visgen.config import Section
 from visgen.data import captions, shapes
 from visgen.data.webdataset_source import write_tar_member
@@ -208,9 +210,18 @@ class ShardStats:
 
 
 def write_shard(cfg: SynthConfig, shard_index: int) -> ShardStats:
-    """Write shard ``shard_index`` of ``cfg`` (tar + stats json) into ``cfg.output``; a plain function."""
+    """Write shard ``shard_index`` of ``cfg`` (tar + stats json) into ``cfg.output``; a plain function.
+    An object store output (``s3://...``) is written here first, then uploaded (tar, then stats)."""
     if not 0 <= shard_index < cfg.num_shards:
         raise ValueError(f"shard_index {shard_index} is outside [0, {cfg.num_shards}) for num_shards={cfg.num_shards}")
+    if storage.is_url(cfg.output):
+        with tempfile.TemporaryDirectory(prefix="visgen-synth-") as tmp_dir:
+            local = write_shard(cfg.model_copy(update={"output": tmp_dir}), shard_index)
+            name = shard_name(cfg, shard_index)
+            for fname in (f"{name}.tar", f"{name}_stats.json"):
+                storage.upload(Path(tmp_dir) / fname, storage.join(cfg.output, fname))
+        return ShardStats(shard_index, storage.join(cfg.output, f"{name}.tar"), local.count, local.seconds,
+                          local.tasks, local.languages)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     name = shard_name(cfg, shard_index)
@@ -275,20 +286,19 @@ class SynthReport:
 
 def shard_paths(cfg: SynthConfig) -> list[str]:
     """The tar paths ``cfg`` names (written or not), in shard order."""
-    return [str(Path(cfg.output) / f"{shard_name(cfg, i)}.tar") for i in range(cfg.num_shards)]
+    return [storage.join(cfg.output, f"{shard_name(cfg, i)}.tar") if storage.is_url(cfg.output)
+            else str(Path(cfg.output) / f"{shard_name(cfg, i)}.tar") for i in range(cfg.num_shards)]
 
 
 _OWNED = re.compile(r"^(\d{5,}\.tar|\d{5,}_stats\.json|\.\d{5,}\.tar\.tmp|" + re.escape(MANIFEST_NAME) + ")$")
 
 
-def _write_manifest(out: Path, cfg: SynthConfig, complete: bool) -> None:
+def _write_manifest(out: Path | str, cfg: SynthConfig, complete: bool) -> None:
     manifest = {"generator": shapes.GENERATOR_VERSION, "config_hash": config_hash(cfg),
                 "config": cfg.model_dump(mode="json"), "complete": complete,
                 "shards": [f"{shard_name(cfg, i)}.tar" for i in range(cfg.num_shards)],
                 "num_samples": cfg.num_shards * cfg.samples_per_shard}
-    tmp = out / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
+    storage.write_text(storage.join(str(out), MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")  # atomic
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -296,31 +306,32 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "generator version"
 
 
-def _prepare_output(cfg: SynthConfig, overwrite: bool) -> tuple[Path, SynthReport | None]:
+def _prepare_output(cfg: SynthConfig, overwrite: bool) -> tuple[Path | str, SynthReport | None]:
     """Check what ``cfg.output`` holds; returns a report when there is nothing to do.
 
     Same config: skip when complete, else keep the finished shards (resume). Another config, or
     shard files without a manifest: refuse unless ``overwrite``, which deletes only files this
-    module names (shards, stats, manifest) and never a ``.tar`` it did not write.
+    module names (shards, stats, manifest) and never a ``.tar`` it did not write. ``cfg.output``
+    may be an object store URL.
     """
-    out = Path(cfg.output)
-    if not out.exists():
+    out = cfg.output if storage.is_url(cfg.output) else Path(cfg.output)
+    if not storage.exists(out):
         return out, None
-    if not out.is_dir():
+    if not storage.is_dir(out):
         raise SynthOutputError(f"output {str(out)!r} exists and is not a directory")
-    owned = [p for p in out.iterdir() if _OWNED.match(p.name)]
-    foreign_tars = sorted(p.name for p in out.glob("*.tar") if not _OWNED.match(p.name))
+    names = storage.listdir(out)
+    owned = [n for n in names if _OWNED.match(n)]
+    foreign_tars = sorted(n for n in names if n.endswith(".tar") and not _OWNED.match(n))
     if foreign_tars:
         raise SynthOutputError(f"{out} holds .tar files the shapes generator does not write "
                                f"({', '.join(foreign_tars[:5])}); choose another output directory")
-    manifest_path = out / MANIFEST_NAME
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
+        manifest = json.loads(storage.read_text(storage.join(str(out), MANIFEST_NAME))) if MANIFEST_NAME in names else None
     except (OSError, ValueError):
         manifest = None
     if manifest is not None and manifest.get("config_hash") == config_hash(cfg) and not overwrite:
         paths = shard_paths(cfg)
-        if manifest.get("complete") and all(Path(p).is_file() for p in paths):
+        if manifest.get("complete") and all(storage.name(p) in names for p in paths):
             n = cfg.num_shards * cfg.samples_per_shard
             return out, SynthReport(str(out), paths, n, 0.0, skipped=True, message=(
                 f"{out} already holds these {cfg.num_shards} shards ({n} samples, config "
@@ -331,12 +342,12 @@ def _prepare_output(cfg: SynthConfig, overwrite: bool) -> tuple[Path, SynthRepor
             what = ("shapes shards made from a different config "
                     f"({_differences(manifest.get('config', {}), cfg.model_dump(mode='json'))})")
         else:
-            names = ", ".join(sorted(p.name for p in owned)[:5])
+            names = ", ".join(sorted(owned)[:5])
             what = f"shard files ({names}, ...) without a readable {MANIFEST_NAME}, so of unknown origin"
         raise SynthOutputError(f"{out} holds {what}; pass overwrite=True (CLI: --overwrite) to replace them, "
                                "or choose another output directory")
-    for p in owned:
-        p.unlink()
+    for n in owned:
+        storage.delete(storage.join(str(out), n))
     return out, None
 
 
@@ -355,8 +366,10 @@ def synthesize(cfg: SynthConfig, overwrite: bool = False) -> SynthReport:
     if done is not None:
         log.info(done.message)
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(cfg.num_shards) if not (out / f"{shard_name(cfg, i)}.tar").is_file()]
+    if not storage.is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
+    present = set(storage.listdir(out))
+    todo = [i for i in range(cfg.num_shards) if f"{shard_name(cfg, i)}.tar" not in present]
     resumed = cfg.num_shards - len(todo)
     _write_manifest(out, cfg, complete=False)
 

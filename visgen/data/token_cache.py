@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
+from visgen import storage
 from visgen.config import Section
 from visgen.data.ingest import (
     NOTICE_REASONS,
@@ -245,11 +246,12 @@ class _ImageEncoder:
         self.autocast = use_gpu and precision == "bf16"
         # load_vq checks the weights against the fingerprint in image_tokenizer.json; that file must
         # still be the one the driver read, or the rows would carry the wrong fingerprint.
-        found = _image_tokenizer_meta(image_tokenizer_dir)["fingerprint"]
+        local = storage.local_copy(image_tokenizer_dir)  # a URL (object store workdir): this node's copy
+        found = _image_tokenizer_meta(local)["fingerprint"]
         if found != fingerprint:
             raise RuntimeError(f"{image_tokenizer_dir} changed while the token cache was being built "
                                f"(fingerprint {fingerprint[:12]} -> {found[:12]}); run the build again")
-        self.model = load_vq(image_tokenizer_dir, self.device)
+        self.model = load_vq(local, self.device)
         self.fingerprint = fingerprint
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -346,18 +348,18 @@ def _short(fp: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rebuild_hint(out_dir: Path) -> str:
+def _rebuild_hint(out_dir: Path | str) -> str:
     return f"rebuild the cache: `visgen data token-cache --pipeline ...` (or delete {out_dir} and run the pipeline)"
 
 
-def _load_manifest(out: Path) -> tuple[dict | None, str]:
-    """(manifest, "") or (None, what is wrong with it)."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return None, ("does not exist" if not out.exists()
+def _load_manifest(out: Path | str) -> tuple[dict | None, str]:
+    """(manifest, "") or (None, what is wrong with it); ``out`` is a local path or a URL."""
+    path = storage.join(str(out), MANIFEST)
+    if not storage.is_file(path):
+        return None, ("does not exist" if not storage.exists(out)
                       else "has no manifest.json (not a token cache, or an interrupted build)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(storage.read_text(path))
     except (OSError, ValueError) as err:
         return None, f"has an unreadable manifest.json ({err})"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -368,15 +370,21 @@ def _load_manifest(out: Path) -> tuple[dict | None, str]:
 
 def cache_manifest(out_dir: str | Path) -> dict:
     """The cache's ``manifest.json``; :class:`TokenCacheError` when missing, unreadable or of another format."""
-    out = Path(out_dir)
+    out = storage.location(out_dir)
     manifest, problem = _load_manifest(out)
     if manifest is None:
         raise TokenCacheError(f"token cache {out} {problem}; {_rebuild_hint(out)}")
     return manifest
 
 
-def _check_split(out_dir: str | Path, split: str, expect_fingerprint: str | None) -> tuple[dict, Path]:
-    out = Path(out_dir)
+def split_location(out_dir: str | Path, manifest: dict, split: str) -> str:
+    """Where a split's parquet files are: ``<out>/<split>`` (a local cache, swapped in by a rename),
+    or ``<out>/<build>/<split>`` (an object store cache, whose manifest names the build it commits)."""
+    return storage.join(str(out_dir), *([manifest["build"]] if manifest.get("build") else []), split)
+
+
+def _check_split(out_dir: str | Path, split: str, expect_fingerprint: str | None) -> tuple[dict, str]:
+    out = storage.location(out_dir)
     manifest = cache_manifest(out)
     found = manifest.get("image_fingerprint")
     if expect_fingerprint is not None and found != expect_fingerprint:
@@ -385,8 +393,8 @@ def _check_split(out_dir: str | Path, split: str, expect_fingerprint: str | None
             f"{_short(expect_fingerprint)}: its image ids mean other codes. {_rebuild_hint(out).capitalize()} "
             "with the current image tokenizer")
     rows = (manifest.get("splits") or {}).get(split)
-    path = out / split
-    if split not in SPLITS or not rows or not path.is_dir():
+    path = split_location(out, manifest, split)
+    if split not in SPLITS or not rows or not storage.is_dir(path):
         have = {s: n for s, n in (manifest.get("splits") or {}).items() if n}
         why = "is empty" if rows == 0 else "is not in it"
         hint = " (set data.ingest.holdout_shards >= 1 to have one)" if split == "holdout" and rows is None else ""
@@ -405,7 +413,7 @@ def read_token_cache(out_dir: str | Path, split: str = "train",
     import ray
 
     _, path = _check_split(out_dir, split, expect_fingerprint)
-    return ray.data.read_parquet(str(path), columns=list(COLUMNS))
+    return ray.data.read_parquet(path, columns=list(COLUMNS))
 
 
 def read_token_rows(out_dir: str | Path, split: str = "train", n: int = 16,
@@ -418,8 +426,9 @@ def read_token_rows(out_dir: str | Path, split: str = "train", n: int = 16,
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
     _, path = _check_split(out_dir, split, expect_fingerprint)
-    files = sorted(str(p) for p in path.glob("*.parquet"))
-    table = pads.dataset(files, format="parquet").head(n, columns=list(COLUMNS))
+    fs, root = storage.filesystem(path)
+    files = [f"{root}/{f}" for f in storage.listdir(path) if f.endswith(".parquet")]
+    table = pads.dataset(files, format="parquet", filesystem=fs).head(n, columns=list(COLUMNS))
     cols = {c: table.column(c) for c in COLUMNS}
     rows = []
     for i in range(table.num_rows):
@@ -478,32 +487,38 @@ class TokenCacheReport:
         return "\n".join(lines)
 
 
-def _report_from_manifest(out_dir: Path, manifest: dict, seconds: float, reused: bool, **kw) -> TokenCacheReport:
+def _report_from_manifest(out_dir: Path | str, manifest: dict, seconds: float, reused: bool, **kw) -> TokenCacheReport:
     return TokenCacheReport(
         out_dir=str(out_dir), rows=dict(manifest["splits"]), seconds=seconds, reused=reused,
         image_fingerprint=manifest["image_fingerprint"], text_fingerprint=manifest["text_fingerprint"],
         grid=tuple(manifest["grid"]), codebook_size=manifest["codebook_size"], build_seconds=manifest["seconds"], **kw)
 
 
-def _up_to_date(out: Path, expected: dict, splits: list[str]) -> tuple[dict | None, list[str]]:
+def _up_to_date(out: Path | str, expected: dict, splits: list[str]) -> tuple[dict | None, list[str]]:
     """(manifest, []) when the cache at ``out`` holds exactly ``expected``; else (None, reasons)."""
     manifest, problem = _load_manifest(out)
     if manifest is None:
-        return None, [f"no cache at {out} yet" if not out.exists() else f"{out} {problem}"]
+        return None, [f"no cache at {out} yet" if not storage.exists(out) else f"{out} {problem}"]
     changes = _describe_changes(manifest.get("inputs") or {}, expected)
     rows = manifest.get("splits") or {}
     if sorted(rows) != sorted(splits):
         changes.append(f"splits {sorted(rows)} -> {sorted(splits)}")
     for s in splits:
-        if not (out / s).is_dir():
-            changes.append(f"split directory {out / s} is missing")
+        if not storage.is_dir(split_location(out, manifest, s)):
+            changes.append(f"split directory {split_location(out, manifest, s)} is missing")
     if not changes and (manifest.get("inputs") or {}) != expected:  # a field this module does not describe
         changes.append("manifest inputs differ")
     return (manifest, []) if not changes else (None, changes)
 
 
-def _check_replaceable(out: Path) -> None:
+def _check_replaceable(out: Path | str) -> None:
     # Replacing a directory deletes it: only ever one that holds nothing but a token cache's entries.
+    if storage.is_url(out):
+        foreign = [n for n in storage.listdir(out) if n not in (MANIFEST, *SPLITS) and not n.startswith("build-")]
+        if foreign:
+            raise TokenCacheError(f"{out} holds {foreign[:5]}, which a token cache does not: refusing to replace it; "
+                                  "remove them or pick another out_dir")
+        return
     if out.exists():
         if not out.is_dir():
             raise TokenCacheError(f"token cache path {out} exists and is not a directory; remove it or pick another out_dir")
@@ -529,15 +544,16 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _count_rows(split_dir: Path) -> tuple[int, int]:
-    """(rows, files) of the parquet files in ``split_dir``, from their footers."""
+def _count_rows(split_dir: Path | str) -> tuple[int, int]:
+    """(rows, files) of the parquet files in ``split_dir`` (a local path or a URL), from their footers."""
     import pyarrow.parquet as pq
 
-    files = sorted(split_dir.glob("*.parquet"))
-    return sum(pq.read_metadata(f).num_rows for f in files), len(files)
+    fs, root = storage.filesystem(split_dir)
+    files = [f"{root}/{f}" for f in storage.listdir(split_dir) if f.endswith(".parquet")]
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files), len(files)
 
 
-def _encode_split(ds: ray.data.Dataset, dest: Path, image_dir: str, fingerprint: str, pool: EncoderPool,
+def _encode_split(ds: ray.data.Dataset, dest: Path | str, image_dir: str, fingerprint: str, pool: EncoderPool,
                   cfg: TokenCacheConfig) -> tuple[int, int]:
     """Run the encoder pool over one split's ingest dataset and write it under ``dest``; (rows, files)."""
     import ray.data
@@ -549,7 +565,8 @@ def _encode_split(ds: ray.data.Dataset, dest: Path, image_dir: str, fingerprint:
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
         num_cpus=pool.cpus, num_gpus=pool.gpus)
-    dest.mkdir()
+    if not storage.is_url(dest):
+        Path(dest).mkdir()
     tokens.write_parquet(str(dest), min_rows_per_file=cfg.rows_per_file)
     return _count_rows(dest)
 
@@ -562,30 +579,34 @@ def build_token_cache(ingest: IngestConfig, text_tokenizer_path: str | Path, ima
     Reads both splits (``train``; ``holdout`` when ``ingest.holdout_shards > 0``) through
     :func:`visgen.data.ingest.build_dataset`, so the same validation applies and bad samples are
     quarantined under ``quarantine_dir`` (cleared first: the table then describes this pass).
-    An up-to-date cache is reused unless ``force``. ``out_dir`` must be a local or mounted path
-    visible to every node (the workdir); Ray must be initialised.
+    An up-to-date cache is reused unless ``force``. ``out_dir`` is a path every node sees (a local
+    or mounted directory) or an object store URL; the tokenizers are paths or URLs too. Ray must
+    be initialised.
+
+    A local cache is built in a staging directory and swapped in by a rename. An object store has
+    no rename: there the splits are written under ``<out>/build-<id>/`` and the manifest, written
+    last, names that build; older builds are deleted after it (a reader holding the previous
+    manifest during that instant gets a clear missing-file error, never a mix of two builds).
     """
     from visgen.data.sources import expand_source, split_shards
     from visgen.models.vq import VQConfig
     from visgen.text.tokenizer import TextTokenizer
 
     t0 = time.perf_counter()
-    if "://" in str(out_dir):
-        raise TokenCacheError(f"token cache out_dir {str(out_dir)!r} must be a local or mounted path (the cache is "
-                              "swapped in with a directory rename, which object stores do not have)")
-    out = Path(out_dir).expanduser().resolve()
-    image_dir = str(Path(image_tokenizer_dir).expanduser().resolve())
-    text_path = str(Path(text_tokenizer_path).expanduser().resolve())
+    image_dir = storage.location(image_tokenizer_dir)
+    text_path = storage.location(text_tokenizer_path)
+    remote = storage.is_url(out_dir)
+    out = storage.location(out_dir) if remote else Path(out_dir).expanduser().resolve()
 
     # Identify every input before any work: a cache that is up to date costs a few stats.
-    meta = _image_tokenizer_meta(image_dir)
+    meta = _image_tokenizer_meta(storage.local_copy(image_dir))
     vq = VQConfig.model_validate(meta["config"])
     if vq.resolution != ingest.resolution:
         raise TokenCacheError(f"image tokenizer {image_dir} was trained at resolution {vq.resolution} but "
                               f"data.ingest.resolution is {ingest.resolution}: the token grid would not be the "
                               "model's; use the same resolution for both (or retrain the tokenizer)")
     grid = (vq.resolution // vq.downsample,) * 2
-    text_fp = TextTokenizer.load(text_path).fingerprint()
+    text_fp = TextTokenizer.load(storage.local_copy(text_path)).fingerprint()
     shards = expand_source(ingest.source)
     splits = ["train", "holdout"] if ingest.holdout_shards > 0 else ["train"]
     split_shard_lists = {s: split_shards(shards, ingest.holdout_shards, s) for s in splits}
@@ -603,20 +624,26 @@ def build_token_cache(ingest: IngestConfig, text_tokenizer_path: str | Path, ima
     pool = resolve_pool(cfg, read_cpus=ingest.num_cpus)
     for note in pool.notes:
         log.info("token cache: %s", note)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _staging_dirs(out):  # left by a build that crashed; never a complete cache
-        log.warning("removing %s, left by an interrupted token cache build", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    build = f"build-{uuid.uuid4().hex[:8]}"
+    if remote:
+        tmp = storage.join(out, build)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in _staging_dirs(out):  # left by a build that crashed; never a complete cache
+            log.warning("removing %s, left by an interrupted token cache build", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.building-{build[6:]}"
+        tmp.mkdir()
     quarantine = str(quarantine_dir) if "://" in str(quarantine_dir) else str(Path(quarantine_dir).expanduser().resolve())
     clear_quarantine(quarantine)
-    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
+    committed = False
     try:
-        tmp.mkdir()
         t_build = time.perf_counter()
         rows, files = {}, {}
         for split in splits:
             ds = build_dataset(ingest, text_path, quarantine, split)
-            rows[split], files[split] = _encode_split(ds, tmp / split, image_dir, meta["fingerprint"], pool, cfg)
+            dest = storage.join(tmp, split) if remote else tmp / split
+            rows[split], files[split] = _encode_split(ds, dest, image_dir, meta["fingerprint"], pool, cfg)
             log.info("token cache: %s: %d rows in %d file(s) from %d shard(s)", split, rows[split], files[split],
                      len(split_shard_lists[split]))
         seconds = time.perf_counter() - t_build
@@ -646,12 +673,23 @@ def build_token_cache(ingest: IngestConfig, text_tokenizer_path: str | Path, ima
             "images_per_s": round(sum(rows.values()) / seconds, 1) if seconds > 0 else 0.0,
             "encoder": {"pool": pool.describe(), "batch_size": cfg.batch_size, "precision": cfg.precision},
             "created_unix": round(time.time(), 3),
+            **({"build": build} if remote else {}),
         }
         # The manifest is the last file written: without it no reader takes the directory for a cache.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-        _swap_in(tmp, out)
+        text = json.dumps(manifest, indent=1, sort_keys=True)
+        if remote:
+            storage.write_text(storage.join(out, MANIFEST), text)
+            committed = True
+            for name in storage.listdir(out):  # the previous build (and any a crash left behind)
+                if name not in (MANIFEST, build):
+                    storage.delete(storage.join(out, name))
+        else:
+            (tmp / MANIFEST).write_text(text, encoding="utf-8")
+            _swap_in(tmp, out)
     finally:
-        if tmp.exists():
+        if remote and not committed:
+            storage.delete(tmp)
+        elif not remote and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     report = _report_from_manifest(out, manifest, time.perf_counter() - t0, reused=False, changes=changes,
                                    quarantined=quarantined, pool=pool.describe())

@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger("visgen.eval")
 
 
-def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: Path) -> dict:
+def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: str | Path) -> dict:
     """Caption the first ``cfg.samples`` held-out renders, each in the language of its reference
     caption, and score them against their scenes (per language too)."""
     from visgen.data.captions import detect_language
@@ -29,7 +29,9 @@ def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: Path) -> dict:
     from visgen.data.shapes import Scene
     from visgen.eval.captions import caption_metrics
 
-    ds = build_dataset(ingest, None, str(workdir / "quarantine"), split="holdout").select_columns(["image", "json"])
+    from visgen.config import Workdir
+
+    ds = build_dataset(ingest, None, Workdir(workdir).quarantine, split="holdout").select_columns(["image", "json"])
     rows = ds.take(cfg.samples)
     if not rows:
         raise ValueError("the held-out split is empty: nothing to caption (check data.ingest.holdout_shards)")
@@ -131,22 +133,25 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
     if not shapes and heldout is None:
         raise ValueError("nothing to evaluate: shapes=False (not shapes data) and no held-out metrics (heldout=None); "
                          "pass heldout=HeldoutEvalConfig() (the spec's eval.heldout)")
-    wd = Path(workdir).expanduser().resolve()
+    from visgen.config import Workdir
+
+    wd = Workdir(workdir)  # a local directory, or the local mirror of an object store workdir
+    workdir = wd.url or wd.root
     pipe = Pipeline.load(bundle_dir, device=device)
     t0 = time.perf_counter()
-    ev_dir = Path(eval_dir) if eval_dir else wd / "eval"
+    ev_dir = Path(eval_dir) if eval_dir else wd.eval
     summary: dict[str, Any] = {}
     full: dict[str, Any] = {}
     if shapes:
         gen = geneval_bundle(pipe, geneval, ev_dir / "geneval")
         t_gen = time.perf_counter() - t0
-        cap = caption_holdout(pipe, ingest, captions, wd)
+        cap = caption_holdout(pipe, ingest, captions, workdir)
         summary.update(_shapes_summary(gen, cap), geneval_s=round(t_gen, 1))
         full.update(geneval={k: gen[k] for k in ("overall", "tasks", "by_language") if k in gen},
                     captions={k: v for k, v in cap.items() if k != "per_caption"},
                     caption_examples=cap.get("per_caption", [])[:32])
     if heldout is not None:
-        images, texts = heldout_pairs(ingest, wd, max(heldout.samples, heldout.retrieval_n, heldout.images))
+        images, texts = heldout_pairs(ingest, workdir, max(heldout.samples, heldout.retrieval_n, heldout.images))
         anydata = evaluate_heldout(pipe, images, texts, heldout, out_dir=ev_dir / "heldout")
         summary.update({k: v for k, v in anydata.items() if isinstance(v, (int, float))})
         full["heldout"] = {k: v for k, v in anydata.items() if not isinstance(v, (int, float))}
@@ -159,7 +164,7 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
     out.write_text(json.dumps(full, indent=1, default=str, ensure_ascii=False), encoding="utf-8")
     write_bundle_eval(bundle_dir, full)
     if tracking is not None:
-        with Tracker.start(tracking, wd, run_name) as tracker:
+        with Tracker.start(tracking, workdir, run_name) as tracker:
             tracker.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
             tracker.log_dict(full, "eval/lm.json")
             for grid in sorted((ev_dir / "geneval" / "grids").glob("*.png")) if shapes else ():

@@ -81,7 +81,9 @@ def heldout_pairs(ingest: Any, workdir: str | Path, n: int) -> tuple[list[np.nda
     """The first ``n`` held-out (image (R, R, 3) uint8, caption) pairs, as ingest makes them."""
     from visgen.data.ingest import build_dataset
 
-    ds = build_dataset(ingest, None, str(Path(workdir) / "quarantine"), split="holdout")
+    from visgen.config import Workdir
+
+    ds = build_dataset(ingest, None, Workdir(workdir).quarantine, split="holdout")
     rows = ds.select_columns(["image", "caption"]).take(n)
     if not rows:
         raise ValueError(f"the held-out split of {ingest.source!r} is empty: nothing to evaluate "

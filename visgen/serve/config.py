@@ -33,7 +33,7 @@ class ServeConfig(Section):
     """Ray Serve app: FastAPI ingress in front of one model deployment (image tokenizer + transformer)."""
 
     model_uri: str = Field("models:/visgen@champion", min_length=1,
-                           description="What to serve: models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION, or a bundle directory.")
+                           description="What to serve: models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION, a bundle directory, or a bundle's object store URL (s3://bucket/run/models/bundle).")
     host: str = Field("127.0.0.1", min_length=1, description="HTTP host of the Serve proxy (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     route_prefix: str = Field("/", pattern=r"^/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?$",

@@ -32,7 +32,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -75,10 +74,13 @@ def load_model(model_uri: str, tracking_uri: str | None, device: str) -> tuple[A
         pipe = reg.load(version.version, device=device)
         info = {"name": name, "version": version.version, "aliases": list(version.aliases),
                 "eval": version.eval, "run_id": version.run_id}
-    else:
-        pipe = Pipeline.load(model_uri, device=device)
-        manifest = read_manifest(Path(model_uri))
-        info = {"name": Path(model_uri).name, "version": "local-" + manifest["lm"]["fingerprint"][:12],
+    else:  # a bundle directory, or a bundle in an object store (s3://bucket/run/models/bundle)
+        from visgen.pipeline import resolve_bundle
+
+        local = resolve_bundle(model_uri)
+        pipe = Pipeline.load(local, device=device)
+        manifest = read_manifest(local)
+        info = {"name": model_uri.rstrip("/").rsplit("/", 1)[-1], "version": "local-" + manifest["lm"]["fingerprint"][:12],
                 "aliases": [], "eval": {k: str(v) for k, v in (manifest.get("eval") or {}).items()}, "run_id": None}
     return pipe, info
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from visgen import storage
+
 CHECKPOINT_FORMAT = "visgen-train-checkpoint"
 CHECKPOINT_VERSION = 1
 _DIR_RE = re.compile(r"^checkpoint_(\d+)$")
@@ -200,12 +202,19 @@ def save_checkpoint(directory: str | Path, *, progress: Progress, modules: dict[
     return d
 
 
+def child(run_dir: str | Path, name: str) -> Path | str:
+    """``run_dir/name`` for a local path (a Path) or an object store URL (a str, see :mod:`visgen.storage`)."""
+    return storage.join(str(run_dir), name) if storage.is_url(run_dir) else Path(run_dir) / name
+
+
 def read_progress(directory: str | Path) -> tuple[Progress, dict]:
-    """``(Progress, full trainer.json)`` of a checkpoint, checking format and version."""
-    p = Path(directory) / "trainer.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{str(Path(directory))!r} is not a visgen training checkpoint (no trainer.json)")
-    info = json.loads(p.read_text(encoding="utf-8"))
+    """``(Progress, full trainer.json)`` of a checkpoint (local or at a URL), checking format and version."""
+    p = child(directory, "trainer.json")
+    try:
+        text = storage.read_text(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(directory)!r} is not a visgen training checkpoint (no trainer.json)") from None
+    info = json.loads(text)
     if info.get("format") != CHECKPOINT_FORMAT or info.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{str(p)!r}: unsupported checkpoint format {info.get('format')!r} v{info.get('version')!r} "
                          f"(this code reads {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION})")
@@ -214,11 +223,14 @@ def read_progress(directory: str | Path) -> tuple[Progress, dict]:
 
 def checkpoint_complete(directory: str | Path) -> bool:
     """Whether rank 0's part of a checkpoint is all there (readable trainer.json, every file at its size)."""
-    d = Path(directory)
     try:
-        _, info = read_progress(d)
+        _, info = read_progress(directory)
     except (OSError, ValueError, KeyError):
         return False
+    if storage.is_url(directory):
+        have = {rel: size for rel, size, _ in storage.listing(directory)}
+        return all(have.get(name) == size for name, size in info.get("files", {}).items())
+    d = Path(directory)
     return all((d / name).is_file() and (d / name).stat().st_size == size for name, size in info.get("files", {}).items())
 
 
@@ -228,9 +240,10 @@ def load_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module
     """Restore modules, optimisers, schedulers and this rank's RNG in place.
 
     Returns ``(progress, rng_restored)``; ``rng_restored`` is False when the checkpoint was
-    written by fewer workers than now (the caller reseeds that rank deterministically).
+    written by fewer workers than now (the caller reseeds that rank deterministically). A
+    checkpoint at a URL is read from this node's copy (:func:`visgen.storage.local_copy`).
     """
-    d = Path(directory)
+    d = storage.local_copy(directory)
     progress, _ = read_progress(d)
     saved = load_state(d, "modules")
     _check_names("module", saved, modules, d)
@@ -263,8 +276,16 @@ def _check_names(kind: str, saved: dict, live: dict, d: Path) -> None:
                          "it was written by a different task; use another run name")
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``run_dir`` as ``(step, path)``, oldest first (see :func:`checkpoint_complete`)."""
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path | str]]:
+    """Complete checkpoints under ``run_dir`` (a local path or a URL) as ``(step, location)``, oldest
+    first (see :func:`checkpoint_complete`)."""
+    if storage.is_url(run_dir):
+        found = []
+        for name in storage.listdir(run_dir):
+            m = _DIR_RE.match(name)
+            if m and checkpoint_complete(child(run_dir, name)):
+                found.append((int(m.group(1)), child(run_dir, name)))
+        return sorted(found)
     d = Path(run_dir)
     if not d.is_dir():
         return []
@@ -276,7 +297,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path) -> Path | str | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
@@ -285,5 +306,8 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints; returns what was removed."""
     doomed = [p for _, p in list_checkpoints(run_dir)[:-keep]] if keep > 0 else []
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        if storage.is_url(p):
+            storage.delete(p)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
     return doomed

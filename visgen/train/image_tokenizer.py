@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from visgen import storage
+from visgen.config import Workdir
 from visgen.models.vq import VQConfig, VQLoss, VQModel, load_vq, save_vq, to_model_input, to_uint8
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit
@@ -127,17 +129,17 @@ class TokenizerTrainResult:
     fit: FitResult
 
 
-def _build_split(data: Any, split: str, workdir: Path):
+def _build_split(data: Any, split: str, workdir: Workdir):
     """One split of the ingest output (``data`` is an IngestConfig), images only."""
     from visgen.data.ingest import IngestConfig, build_dataset
 
     if not isinstance(data, IngestConfig):
         raise TypeError(f"data must be an IngestConfig or a ray.data.Dataset, got {type(data).__name__}")
     # The image tokenizer needs no text ids: no text tokenizer path.
-    return build_dataset(data, None, str(workdir / "quarantine"), split=split)
+    return build_dataset(data, None, workdir.quarantine, split=split)
 
 
-def _datasets(data: Any, holdout: Any, workdir: Path):
+def _datasets(data: Any, holdout: Any, workdir: Workdir):
     """(train, holdout or None) for training: the datasets passed in, or splits of the ingest output."""
     import ray.data
 
@@ -163,6 +165,8 @@ def images_size_bound(data: Any, resolution: int) -> int | None:
     from visgen.data.sources import expand_source, split_shards
 
     if not isinstance(data, IngestConfig):
+        return None
+    if storage.is_url(str(data.source)):  # object-store shards: not listed here just for a bound
         return None
     try:
         shards = split_shards(expand_source(data.source), data.holdout_shards, "train")
@@ -214,17 +218,18 @@ def train_image_tokenizer(model: VQConfig, train: TrainConfig, scaling: ScalingC
     ``tracking`` is the ``TrackingConfig`` (None: no MLflow). Returns the exported model directory
     and the final metrics.
     """
-    wd = Path(workdir).expanduser().resolve()
+    wd = Workdir(workdir)
     train_ds, holdout_ds = _datasets(data, holdout, wd)
     eval_images = _eval_images(train_ds, holdout_ds, train.eval_samples, model.resolution)
-    export_dir = wd / "models" / "image_tokenizer"
     res = fit(ImageTokenizerTask(model), train=train, scaling=scaling, run_name=run_name,
-              storage_path=wd / "ray_results", datasets={"train": train_ds}, eval_batch={"image": eval_images},
-              tracking=tracking, workdir=wd, export_dir=export_dir, crash_at=crash_at,
+              storage_path=wd.ray_results, datasets={"train": train_ds}, eval_batch={"image": eval_images},
+              tracking=tracking, workdir=wd.url or wd.root, export_dir=wd.location("models/image_tokenizer"),
+              crash_at=crash_at,
               data_size_hint=images_size_bound(data, model.resolution),
               params={"image_tokenizer.model": model, "image_tokenizer.scaling": scaling, **(params or {})})
     log.info("image tokenizer: %d steps in %.0fs, exported to %s", res.step, res.wall_s, res.export_dir)
-    return TokenizerTrainResult(model_dir=res.export_dir, metrics=res.metrics, eval=res.eval, fit=res)
+    wd.pull("models/image_tokenizer")  # a remote workdir: the driver's stages read the local mirror
+    return TokenizerTrainResult(model_dir=wd.models / "image_tokenizer", metrics=res.metrics, eval=res.eval, fit=res)
 
 
 def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str | Path, tracking: Any = None,
@@ -244,7 +249,7 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
     from visgen.eval.recon import evaluate_reconstruction
     from visgen.tracking import Tracker
 
-    wd = Path(workdir).expanduser().resolve()
+    wd = Workdir(workdir)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     vq = load_vq(model_dir, device=dev)
     if isinstance(data, ray.data.Dataset):
@@ -275,14 +280,16 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
         metrics.update({f"geneval_ceiling_{t}": v for t, v in ceiling["tasks"].items()})
     result = {**metrics, "model_dir": str(Path(model_dir).resolve()), "fingerprint": vq.fingerprint(),
               "codebook_size": vq.num_codes, "eval_s": round(time.perf_counter() - t0, 2)}
-    out = wd / "eval" / "image_tokenizer.json"
+    out = wd.eval / "image_tokenizer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, allow_nan=True), encoding="utf-8")
+    wd.push("eval/image_tokenizer.json")
     if tracking is not None:
+        from visgen.train.checkpoint import child
         from visgen.train.loop import read_run_progress
 
-        progress = read_run_progress(wd / "ray_results" / run_name)
-        with Tracker.start(tracking, wd, run_name) as tracker:
+        progress = read_run_progress(child(wd.ray_results, run_name))
+        with Tracker.start(tracking, wd.url or wd.root, run_name) as tracker:
             tracker.log_metrics({f"holdout/{k}": v for k, v in metrics.items()
                                  if k in ("psnr", "ssim", "usage", "perplexity") or k.startswith("geneval_ceiling")},
                                 step=progress.step if progress else 0)

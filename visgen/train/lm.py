@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from visgen.config import Section
+from visgen import storage
+from visgen.config import Section, Workdir
 from visgen.models.gpt import EN, LM_FORMAT, PAD, ZH, GPTConfig, Layout, VisGPT, save_gpt
 from visgen.pipeline import SamplingConfig
+from visgen.train.checkpoint import child
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit
 
@@ -134,7 +136,7 @@ class LMTask(TrainTask):
         if self.cjk is None and self.text_tokenizer:
             from visgen.text.tokenizer import TextTokenizer
 
-            self.cjk = TextTokenizer.load(self.text_tokenizer).script_tables(self.cfg.text_vocab)["cjk"]
+            self.cjk = TextTokenizer.load(storage.local_copy(self.text_tokenizer)).script_tables(self.cfg.text_vocab)["cjk"]
         return self.cjk
 
     def setup(self, env: WorkerEnv) -> Trainable:
@@ -144,7 +146,7 @@ class LMTask(TrainTask):
         if self.init_from:  # continue from a trained model; a checkpoint of this run, if any, overrides it
             from visgen.models.gpt import load_gpt
 
-            start = load_gpt(self.init_from)
+            start = load_gpt(storage.local_copy(self.init_from))
             if start.cfg != self.cfg:
                 raise ValueError(f"cannot start from {self.init_from}: its config differs from lm.model "
                                  f"({start.cfg.model_dump()} vs {self.cfg.model_dump()})")
@@ -186,9 +188,9 @@ class LMTask(TrainTask):
         from visgen.text.tokenizer import TextTokenizer
 
         if self._vq is None and self.image_tokenizer_dir:
-            self._vq = load_vq(self.image_tokenizer_dir, device=env.device)
+            self._vq = load_vq(storage.local_copy(self.image_tokenizer_dir), device=env.device)
         if self._tok is None and self.text_tokenizer:
-            self._tok = TextTokenizer.load(self.text_tokenizer)
+            self._tok = TextTokenizer.load(storage.local_copy(self.text_tokenizer))
         return self._vq, self._tok
 
     def evaluate(self, env: WorkerEnv, batch: dict[str, np.ndarray], step: int) -> EvalResult:
@@ -281,7 +283,7 @@ def _eval_batch(cache_dir: Path, n: int) -> dict[str, np.ndarray]:
 RUN_INPUTS = "lm_inputs.json"  # in the run's checkpoint directory: what its token ids mean
 
 
-def retire_stale_run(run_dir: Path, inputs: dict) -> Path | None:
+def retire_stale_run(run_dir: Path | str, inputs: dict) -> Path | str | None:
     """Keep a run's checkpoints only while they mean the same tokens: when ``run_dir`` holds
     checkpoints made for other inputs (another text or image tokenizer, an older layout — or
     checkpoints without a record, from before the record existed), move the run aside
@@ -289,6 +291,9 @@ def retire_stale_run(run_dir: Path, inputs: dict) -> Path | None:
     whose token ids mean something else. Records ``inputs`` for the run either way."""
     from visgen.train.checkpoint import latest_checkpoint
 
+    if storage.is_url(run_dir):
+        return _retire_stale_remote_run(str(run_dir), inputs)
+    run_dir = Path(run_dir)
     record = run_dir / RUN_INPUTS
     aside = None
     if latest_checkpoint(run_dir) is not None:
@@ -308,6 +313,30 @@ def retire_stale_run(run_dir: Path, inputs: dict) -> Path | None:
                         "training starts afresh", run_dir, old, inputs, aside)
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(inputs, indent=1), encoding="utf-8")
+    return aside
+
+
+def _retire_stale_remote_run(run_dir: str, inputs: dict) -> str | None:
+    """:func:`retire_stale_run` for checkpoints in an object store: a copy then a delete (no rename there)."""
+    from visgen.train.checkpoint import latest_checkpoint
+
+    record, aside = storage.join(run_dir, RUN_INPUTS), None
+    if latest_checkpoint(run_dir) is not None:
+        try:
+            old = json.loads(storage.read_text(record))
+        except (OSError, ValueError):
+            old = None
+        if old != inputs:
+            aside = f"{run_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while storage.exists(aside):
+                n += 1
+                aside = f"{run_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            storage.copy_tree(run_dir, aside)
+            storage.delete(run_dir)
+            log.warning("the checkpoints in %s were trained for other inputs (%s, now %s): moved to %s; "
+                        "training starts afresh", run_dir, old, inputs, aside)
+    storage.write_text(record, json.dumps(inputs, indent=1))
     return aside
 
 
@@ -342,17 +371,24 @@ def train_lm(model: GPTConfig, recipe: LMRecipe, train: TrainConfig, scaling: Sc
     from visgen.data.token_cache import read_token_cache
     from visgen.text.tokenizer import TextTokenizer
 
-    wd = Path(workdir).expanduser().resolve()
+    wd = Workdir(workdir)
     fingerprint = check_compatible(model, image_tokenizer_dir, text_tokenizer)
-    retire_stale_run(wd / "ray_results" / run_name, {"format": LM_FORMAT, "image_tokenizer": fingerprint,
-                                                      "text_tokenizer": TextTokenizer.load(text_tokenizer).fingerprint()})
+    retire_stale_run(child(wd.ray_results, run_name), {"format": LM_FORMAT, "image_tokenizer": fingerprint,
+                                                       "text_tokenizer": TextTokenizer.load(text_tokenizer).fingerprint()})
     train_ds = read_token_cache(cache_dir, "train", expect_fingerprint=fingerprint)
-    eval_batch = _eval_batch(Path(cache_dir), train.eval_samples)
-    task = LMTask(model, recipe, sampling or SamplingConfig(), str(image_tokenizer_dir), str(text_tokenizer),
-                  init_from=str(init_from) if init_from else None)
-    res = fit(task, train=train, scaling=scaling, run_name=run_name, storage_path=wd / "ray_results",
-              datasets={"train": train_ds}, eval_batch=eval_batch, tracking=tracking, workdir=wd,
-              export_dir=Path(export_dir) if export_dir else wd / "models" / "lm", crash_at=crash_at,
+    eval_batch = _eval_batch(cache_dir, train.eval_samples)
+    # The workers read the tokenizers (and write the export) on any node: their shared locations.
+    task = LMTask(model, recipe, sampling or SamplingConfig(), wd.shared(image_tokenizer_dir), wd.shared(text_tokenizer),
+                  init_from=wd.shared(init_from) if init_from else None)
+    export = wd.shared(export_dir) if export_dir else wd.location("models/lm")
+    res = fit(task, train=train, scaling=scaling, run_name=run_name, storage_path=wd.ray_results,
+              datasets={"train": train_ds}, eval_batch=eval_batch, tracking=tracking, workdir=wd.url or wd.root,
+              export_dir=export, crash_at=crash_at,
               params={"lm.model": model, "lm.recipe": recipe, "lm.scaling": scaling, **(params or {})})
     log.info("transformer: %d steps in %.0fs, exported to %s", res.step, res.wall_s, res.export_dir)
-    return LMTrainResult(model_dir=res.export_dir, metrics=res.metrics, eval=res.eval, fit=res)
+    model_dir = res.export_dir
+    if wd.url is not None and export.startswith(wd.url + "/"):  # the driver's stages read the local mirror
+        rel = export[len(wd.url) + 1:]
+        wd.pull(rel)
+        model_dir = wd.root / rel
+    return LMTrainResult(model_dir=model_dir, metrics=res.metrics, eval=res.eval, fit=res)

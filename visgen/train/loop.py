@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from visgen.train.checkpoint import Progress, latest_checkpoint, read_progress
+from visgen import storage
+from visgen.train.checkpoint import Progress, child, latest_checkpoint, read_progress
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.feed import resolve_in_memory
 from visgen.train.scaling import resolve_scaling
@@ -64,14 +65,14 @@ log = logging.getLogger("visgen.train")
 
 @dataclass
 class FitResult:
-    run_dir: Path
+    run_dir: Path | str  # a URL when the checkpoints are in an object store
     step: int
     resumed_from: int | None
     metrics: dict[str, float]  # the last logged interval
     eval: dict[str, float]  # the final quick eval
     history: list[dict[str, float]]  # every logged interval since the (re)start, with its "step"
-    checkpoint: Path | None
-    export_dir: Path | None
+    checkpoint: Path | str | None
+    export_dir: Path | str | None
     mlflow_run_id: str | None
     wall_s: float
 
@@ -83,7 +84,8 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
         data_size_hint: int | None = None) -> FitResult:
     """Train ``task`` on ``datasets["train"]`` with Ray Train; resume ``run_name`` if it has checkpoints.
 
-    Checkpoints go to ``<storage_path>/<run_name>/`` (a local or shared-filesystem path).
+    Checkpoints go to ``<storage_path>/<run_name>/``: a local or shared-filesystem path, or an
+    object store URL (``s3://bucket/run/ray_results``) that every node reaches; ``export_dir`` too.
     ``eval_batch`` is the fixed held-out batch of the quick eval (rank 0). ``tracking`` is a
     ``TrackingConfig`` (None = no MLflow; needs ``workdir``); ``params`` are logged as MLflow
     params (flattened); ``export_dir`` receives ``task.export`` at the end. ``crash_at`` is a
@@ -110,8 +112,8 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
     if train.batch_size % world:
         raise ValueError(f"train.batch_size={train.batch_size} does not divide over {world} workers; "
                          f"use a multiple of {world} (batch_size is the global batch)")
-    storage = Path(storage_path).expanduser().resolve()
-    run_dir = storage / run_name
+    storage_loc = storage.location(storage_path)  # a local path or an object store URL (Ray takes both)
+    run_dir = child(storage_loc, run_name)
     log.info("training %s as run %r: %s, global batch %d (%d per worker), %d steps; checkpoints in %s",
              task.name, run_name, resources.describe(), train.batch_size, train.batch_size // world, train.steps, run_dir)
     for note in resources.notes:
@@ -139,7 +141,7 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
         train_loop_config=loop_config,
         scaling_config=resources.to_ray(),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name, storage_path=storage_loc,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints)),
         datasets=ds,
@@ -154,9 +156,13 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
     return FitResult(run_dir=run_dir, step=int(summary.get("step", 0)), resumed_from=summary.get("resumed_from"),
                      metrics=summary.get("metrics", {}), eval=summary.get("eval", {}),
                      history=summary.get("history", []),
-                     checkpoint=Path(ckpt) if ckpt else None,
-                     export_dir=Path(summary["export_dir"]) if summary.get("export_dir") else None,
+                     checkpoint=_path_or_url(ckpt) if ckpt else None,
+                     export_dir=_path_or_url(summary["export_dir"]) if summary.get("export_dir") else None,
                      mlflow_run_id=summary.get("mlflow_run_id"), wall_s=time.perf_counter() - t0)
+
+
+def _path_or_url(loc: str) -> Path | str:
+    return loc if storage.is_url(loc) else Path(loc)
 
 
 def read_run_progress(run_dir: str | Path) -> Progress | None:

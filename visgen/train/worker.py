@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from visgen import storage
 from visgen.tracking import Tracker, flatten
 from visgen.train.checkpoint import (
-    Progress, checkpoint_dir_name, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+    Progress, checkpoint_dir_name, child, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
     read_progress, save_checkpoint, seed_everything,
 )
 from visgen.train.config import TrainConfig
@@ -101,7 +102,8 @@ class WorkerRun:
         self.tc: TrainConfig = config["train"]
         self.resources: WorkerResources = config["resources"]
         self.config = config
-        self.run_dir = Path(config["run_dir"])
+        # A local path, or an object store URL when the workdir is one (Ray Train's storage_path).
+        self.run_dir = config["run_dir"] if storage.is_url(config["run_dir"]) else Path(config["run_dir"])
         device = _device(self.resources)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -159,7 +161,8 @@ class WorkerRun:
             if from_disk:
                 if not local_mode and env.is_rank0:
                     log.warning("Ray restored %s but %s is newer and complete (written just before the failure): "
-                                "resuming from it", directory.name if directory else "no checkpoint", on_disk.name)
+                                "resuming from it", directory.name if directory else "no checkpoint",
+                                storage.name(on_disk))
                 directory = on_disk
             if directory is None:
                 return
@@ -170,7 +173,7 @@ class WorkerRun:
         if not rng_ok:  # no RNG state for this rank (more workers than at save time): a fresh, deterministic one
             seed_everything(tc.seed + env.rank + 1_000_003 * progress.step)
         if env.is_rank0:
-            log.info("resumed from %s: step %d, epoch %d, %d samples seen", directory.name, progress.step,
+            log.info("resumed from %s: step %d, epoch %d, %d samples seen", storage.name(directory), progress.step,
                      progress.epoch, progress.samples_seen)
         self.progress, self.resumed_from = progress, progress.step
         # Ray prunes only what it registered; in local mode the loop prunes every checkpoint itself.
@@ -235,14 +238,14 @@ class WorkerRun:
                         self.checkpoint(last_metrics, feed=dict(position))
                     if self.unmanaged is not None and env.is_rank0 \
                             and _superseded(self.unmanaged, self.run_dir, tc.keep_checkpoints):
-                        shutil.rmtree(self.unmanaged, ignore_errors=True)
+                        _remove(self.unmanaged)
                         self.unmanaged = None
                 if step >= tc.steps:
                     break
 
         last_eval = self.quick_eval(progress.step)
         return {"step": progress.step, "metrics": last_metrics, "eval": last_eval, "history": history,
-                "checkpoint": str(self.run_dir / checkpoint_dir_name(progress.step))}
+                "checkpoint": str(child(self.run_dir, checkpoint_dir_name(progress.step)))}
 
     def _epoch_source(self):
         """``(epochs(epoch, start) -> batches, index of the first batch in progress.epoch, identity)``;
@@ -320,6 +323,16 @@ class WorkerRun:
                   **{k: v for k, v in metrics.items() if isinstance(v, float)}}
         parts = dict(progress=progress, modules=self.trainable.modules, optimizers=env.optimizers,
                      schedulers=env.schedulers, rank=env.rank, world_size=env.world_size, meta=meta)
+        if self.resources.local_mode and storage.is_url(run_dir):
+            # Ray keeps no local-mode checkpoints: write here, then upload (trainer.json names every
+            # file with its size, so a half-uploaded checkpoint is never taken for a complete one).
+            with tempfile.TemporaryDirectory(prefix=f"visgen-{name}-") as tmp:
+                save_checkpoint(tmp, **parts)
+                final = child(run_dir, name)
+                storage.upload(tmp, final)
+            prune_checkpoints(run_dir, tc.keep_checkpoints)
+            ray.train.report(report)
+            return final
         if self.resources.local_mode:
             final = run_dir / name
             tmp = run_dir / f".{name}.tmp"
@@ -336,19 +349,27 @@ class WorkerRun:
                          delete_local_checkpoint_after_upload=True)
         if env.is_rank0:
             log.info("checkpoint %s saved (step %d)", name, progress.step)
-        return run_dir / name
+        return child(run_dir, name)
 
     def finish(self) -> dict:
         """Rank 0: export the model for the next stages and log it and the final checkpoint to MLflow."""
         export_dir = None
         if self.env.is_rank0:
-            if self.config["export_dir"]:
-                export_dir = self.task.export(self.env, Path(self.config["export_dir"]))
+            target = self.config["export_dir"]
+            if target and storage.is_url(target):  # export here, then upload: rank 0 may be on any node
+                with tempfile.TemporaryDirectory(prefix="visgen-export-") as tmp:
+                    local = self.task.export(self.env, Path(tmp) / storage.name(target))
+                    storage.upload(local, target)
+                    self.tracker.log_artifact(local, "model")
+                export_dir = target
+                log.info("exported %s to %s", self.task.name, export_dir)
+            elif target:
+                export_dir = self.task.export(self.env, Path(target))
                 self.tracker.log_artifact(export_dir, "model")
                 log.info("exported %s to %s", self.task.name, export_dir)
             final = latest_checkpoint(self.run_dir)
             if final is not None:
-                self.tracker.log_artifact(final, f"checkpoint/{final.name}")
+                self.tracker.log_artifact(storage.local_copy(final), f"checkpoint/{storage.name(final)}")
         return {"export_dir": str(export_dir) if export_dir else None}
 
 
@@ -359,7 +380,14 @@ def run_step(task: TrainTask, env: WorkerEnv, batch: Mapping[str, Any], step: in
     env.step_schedulers()
 
 
-def _superseded(directory: Path, run_dir: Path, keep: int) -> bool:
+def _remove(directory: Path | str) -> None:
+    if storage.is_url(directory):
+        storage.delete(directory)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _superseded(directory: Path | str, run_dir: Path | str, keep: int) -> bool:
     step = read_progress(directory)[0].step
     return sum(1 for s, _ in list_checkpoints(run_dir) if s > step) >= keep
 
