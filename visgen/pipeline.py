@@ -42,6 +42,7 @@ from pydantic import Field
 from visgen.config import Section
 from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
+from visgen.models.io import check_fits
 from visgen.tracking import download_artifacts
 
 log = logging.getLogger("visgen")
@@ -232,11 +233,7 @@ class Pipeline:
 
     def _check_parts(self) -> None:
         cfg = self.lm.cfg
-        if cfg.codebook_size != self.vq.num_codes or tuple(cfg.grid) != tuple(self.vq.grid_shape):
-            raise ValueError(f"the LM expects {cfg.codebook_size} codes on a {cfg.grid} grid but the image tokenizer has "
-                             f"{self.vq.num_codes} codes on {self.vq.grid_shape}: they were not trained together")
-        if self.tokenizer.vocab_size > cfg.text_vocab:
-            raise ValueError(f"the text tokenizer has {self.tokenizer.vocab_size} ids but the LM only {cfg.text_vocab}")
+        check_fits(cfg, codebook_size=self.vq.num_codes, grid=self.vq.grid_shape, text_vocab_size=self.tokenizer.vocab_size)
 
     @property
     def device(self) -> torch.device:

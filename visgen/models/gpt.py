@@ -42,8 +42,6 @@ Pure PyTorch: no Ray, no MLflow.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +56,8 @@ from visgen.config import Section, SpecError, validate_section
 from visgen.models.sampling import (  # noqa: F401 - sample, uniform_noise: re-exported for callers of gpt
     check_sampling, guide, pick, sample, uniform_noise,
 )
-from visgen.text.tokenizer import LANGUAGE_TOKENS, SPECIAL_TOKENS
+from visgen.models.io import fingerprint, load_model, save_model
+from visgen.models.tokens import LANGUAGE_TOKENS, SPECIAL_TOKENS
 
 SPECIAL = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 BOS, EOS, PAD = SPECIAL["<bos>"], SPECIAL["<eos>"], SPECIAL["<pad>"]
@@ -728,48 +727,27 @@ class VisGPT(nn.Module):
         return torch.tensor([self.layout.text_region(None)] * b, dtype=torch.long, device=device)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True).encode())
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of the config and every weight."""
+        return fingerprint(self.cfg, self.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
 # Save / load: safetensors + JSON, never a pickle
 # ---------------------------------------------------------------------------------------------
-WEIGHTS_FILE, CONFIG_FILE = "lm.safetensors", "lm.json"
+_NAME = "lm"
+WEIGHTS_FILE, CONFIG_FILE = f"{_NAME}.safetensors", f"{_NAME}.json"
 
 
 def save_gpt(model: VisGPT, directory: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(d / WEIGHTS_FILE))
-    meta = {"format": LM_FORMAT, "config": model.cfg.model_dump(mode="json"), "fingerprint": model.fingerprint(),
-            "params": model.num_params()}
-    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    return d
+    """Write ``lm.safetensors`` and ``lm.json`` (config, fingerprint, parameter count) into ``directory``."""
+    return save_model(model, directory, name=_NAME, fmt=LM_FORMAT, cfg=model.cfg, fp=model.fingerprint(),
+                      extra={"params": model.num_params()})
 
 
 def load_gpt(directory: str | Path, device: str | torch.device = "cpu") -> VisGPT:
-    """Rebuild a model written by :func:`save_gpt`, in eval mode; checks the fingerprint."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / f).is_file():
-            raise FileNotFoundError(f"{d / f} is missing: not a saved VisGPT (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
-    meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != LM_FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE} has format {meta.get('format')!r}, not {LM_FORMAT!r}: a transformer saved by an "
-                         "older visgen, before the caption language tokens, whose text ids mean other tokens now. "
-                         "Retrain it (`visgen train lm`, or `visgen run`, which also rebuilds the text tokenizer)")
-    model = VisGPT(validate_section(GPTConfig, meta["config"], where=str(d / CONFIG_FILE)))
-    model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-    if meta.get("fingerprint") and model.fingerprint() != meta["fingerprint"]:
-        raise ValueError(f"{d / WEIGHTS_FILE} does not match the fingerprint in {d / CONFIG_FILE}: the files are from different models")
-    return model.to(device).eval()
+    """Rebuild a model written by :func:`save_gpt`, in eval mode; checks format and fingerprint."""
+    return load_model(directory, VisGPT, GPTConfig, name=_NAME, fmt=LM_FORMAT, what="VisGPT transformer",
+                      device=device, old_format_hint=(
+                          ": a transformer saved by an older visgen, before the caption language tokens, whose text "
+                          "ids mean other tokens now. Retrain it (`visgen train lm`, or `visgen run`, which also "
+                          "rebuilds the text tokenizer)"))

@@ -20,8 +20,6 @@ restarts identical across DDP ranks, and is skipped unless a process group is in
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 
 from visgen.config import Section, SpecError, validate_section
+from visgen.models.io import fingerprint, load_model, save_model
 
 
 class VQConfig(Section):
@@ -449,14 +448,7 @@ class VQModel(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 of the config and every tensor that changes tokens or pixels (usage stats excluded)."""
-        h = hashlib.sha256(json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True).encode())
-        for name, t in sorted(self.state_dict().items()):
-            if ".stat_" in name:
-                continue
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return fingerprint(self.cfg, self.state_dict(), skip=lambda name: ".stat_" in name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -568,37 +560,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-WEIGHTS_FILE = "image_tokenizer.safetensors"
-CONFIG_FILE = "image_tokenizer.json"
+_NAME = "image_tokenizer"
+WEIGHTS_FILE, CONFIG_FILE = f"{_NAME}.safetensors", f"{_NAME}.json"
 _FORMAT = "visgen.vq/1"
 
 
 def save_vq(model: VQModel, directory: str | Path) -> Path:
     """Write ``image_tokenizer.safetensors`` and ``image_tokenizer.json`` (config + fingerprint) into ``directory``."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(d / WEIGHTS_FILE), metadata={"format": _FORMAT})
-    meta = {"format": _FORMAT, "config": model.cfg.model_dump(mode="json"), "fingerprint": model.fingerprint()}
-    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-    return d
+    return save_model(model, directory, name=_NAME, fmt=_FORMAT, cfg=model.cfg, fp=model.fingerprint())
 
 
 def load_vq(directory: str | Path, device: str | torch.device = "cpu") -> VQModel:
-    """Rebuild a model saved by :func:`save_vq` (no unpickling), in eval mode; checks the fingerprint."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / f).is_file():
-            raise FileNotFoundError(f"{d / f} does not exist: {d} is not a saved VQ tokenizer (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r} is not {_FORMAT!r}")
-    model = VQModel(validate_section(VQConfig, meta["config"], where=str(d / CONFIG_FILE)))
-    model.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=True)
-    if model.fingerprint() != meta["fingerprint"]:
-        raise ValueError(f"{d}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…; the files are corrupt or mixed")
-    return model.to(device).eval()
+    """Rebuild a model saved by :func:`save_vq` (no unpickling), in eval mode; checks format and fingerprint."""
+    return load_model(directory, VQModel, VQConfig, name=_NAME, fmt=_FORMAT, what="VQ tokenizer", device=device)

@@ -25,9 +25,8 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from visgen.config import Section
-
-LANGUAGE_TOKENS = {"en": "<en>", "zh": "<zh>"}  # caption language -> its special token
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<t2i>", "<i2t>", "<soi>", "<eoi>", "<null>", *LANGUAGE_TOKENS.values())
+# The table lives with the models (which must not import the tokenizers library); re-exported here.
+from visgen.models.tokens import LANGUAGE_TOKENS, SPECIAL_TOKENS  # noqa: F401 - LANGUAGE_TOKENS is re-exported
 
 
 class TextTokenizerConfig(Section):

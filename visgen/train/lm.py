@@ -342,19 +342,16 @@ def _retire_stale_remote_run(run_dir: str, inputs: dict) -> str | None:
 
 def check_compatible(model: GPTConfig, image_tokenizer_dir: str | Path, text_tokenizer: str | Path) -> str:
     """The LM config fits the trained tokenizers (codebook, grid, vocabulary); returns the VQ fingerprint."""
+    from visgen.models.io import check_fits
     from visgen.models.vq import CONFIG_FILE
     from visgen.text.tokenizer import TextTokenizer
 
     meta = json.loads((Path(image_tokenizer_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
     vq = meta["config"]
     side = vq["resolution"] // 2 ** (len(vq["ch_mult"]) - 1)
-    if vq["codebook_size"] != model.codebook_size or (side, side) != tuple(model.grid):
-        raise ValueError(f"lm.model expects {model.codebook_size} codes on a {tuple(model.grid)} grid but the image tokenizer "
-                         f"in {image_tokenizer_dir} has {vq['codebook_size']} codes on ({side}, {side})")
-    tok = TextTokenizer.load(text_tokenizer)
-    if tok.vocab_size > model.text_vocab:
-        raise ValueError(f"the text tokenizer {text_tokenizer} has {tok.vocab_size} ids but lm.model.text_vocab is "
-                         f"{model.text_vocab}; set text_tokenizer.vocab_size >= {tok.vocab_size}")
+    check_fits(model, codebook_size=vq["codebook_size"], grid=(side, side),
+               text_vocab_size=TextTokenizer.load(text_tokenizer).vocab_size,
+               image_tokenizer=f"the image tokenizer in {image_tokenizer_dir}", text_tokenizer=f"the text tokenizer {text_tokenizer}")
     return meta["fingerprint"]
 
 
