@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from visgen.config import SpecError, load_spec, parse_override
+from visgen.base import DERIVED_FIELDS, SpecError, parse_override
 
 log = logging.getLogger("visgen")
 
@@ -27,34 +27,6 @@ DEFAULT_PIPELINE = "pipelines/shapes-32.yaml"
 
 
 # -- flags generated from config sections ---------------------------------------------------------
-
-def _section_classes() -> dict[str, type]:
-    from visgen.config import _sections
-
-    s = _sections()
-    return {
-        "data.synth": s["SynthConfig"],
-        "data.ingest": s["IngestConfig"],
-        "text_tokenizer": s["TextTokenizerConfig"],
-        "image_tokenizer.model": s["VQConfig"],
-        "image_tokenizer.train": s["TrainConfig"],
-        "image_tokenizer.scaling": s["ScalingConfig"],
-        "token_cache": s["TokenCacheConfig"],
-        "lm.model": s["GPTConfig"],
-        "lm.recipe": s["LMRecipe"],
-        "lm.train": s["TrainConfig"],
-        "lm.scaling": s["ScalingConfig"],
-        "sampling": s["SamplingConfig"],
-        "eval.geneval": s["GenEvalConfig"],
-        "eval.captions": s["CaptionEvalConfig"],
-        "eval.sampling_search": s["SamplingSearchConfig"],
-        "eval.heldout": s["HeldoutEvalConfig"],
-        "serve": s["ServeConfig"],
-        "retrain": s["RetrainConfig"],
-        "serve.limits": s["ServeLimits"],
-        "tracking": s["TrackingConfig"],
-    }
-
 
 def _is_plain_str(annotation: Any) -> bool:
     """str and Optional[str] take the raw text; everything else is parsed as YAML (numbers, lists, null)."""
@@ -69,14 +41,11 @@ def _is_bool(annotation: Any) -> bool:
     return annotation is bool
 
 
-# Fields that follow another section (the tokenizer's resolution is data.ingest.resolution).
-DERIVED_FIELDS = {"image_tokenizer.model": {"resolution"},
-                  "lm.model": {"text_vocab", "codebook_size", "grid", "max_text_tokens"}}
-
-
 def add_section_flags(parser: argparse.ArgumentParser, sections: list[str], taken: set[str] | None = None) -> None:
     """Add one ``--flag`` per field of each named section; the dest records the dotted field path."""
-    classes = _section_classes()
+    from visgen.config import SECTIONS  # lazy: the spec imports every component (torch, Ray Data)
+
+    classes = SECTIONS
     taken = set() if taken is None else taken
     names: dict[str, list[str]] = {}
     for sec in sections:
@@ -126,6 +95,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spec_from_args(args: argparse.Namespace):
+    from visgen.config import load_spec  # lazy: the spec imports every component (torch, Ray Data)
+
     return load_spec(args.pipeline, overrides_from_args(args))
 
 

@@ -1,9 +1,13 @@
-"""Typed pipeline specs.
+"""Typed pipeline specs: the composition of every component's section.
 
-A spec is one YAML file under ``pipelines/``. It is loaded into :class:`PipelineSpec`, whose
-sections are owned by the modules they configure (``SynthConfig`` lives next to the shapes
-generator, ``IngestConfig`` next to the ingest stage, ...). Components receive only their
-own section. Every section forbids unknown keys, so a typo is an error, not a silent default.
+A spec is one YAML file under ``pipelines/``. It is loaded into :class:`PipelineSpec`, a typed
+tree whose sections are owned by the modules they configure (``SynthConfig`` lives next to the
+shapes generator, ``IngestConfig`` next to the ingest stage, ...) and built on
+:mod:`visgen.base`, which imports nothing of the package: the components never import this
+module, so the import graph has no circle. Components receive only their own section. Every
+section forbids unknown keys, so a typo is an error, not a silent default. :data:`SECTIONS` (every
+section's dotted path and class) and :data:`DERIVED_FIELDS` (fields that follow another section)
+are read from the same tree by the CLI, which builds its flags from them.
 
 A bad spec raises :class:`SpecError` naming the field path, the offending value and what is
 allowed, e.g. ``data.ingest.resolution: 7 is not allowed: Input should be greater than or
@@ -12,208 +16,40 @@ equal to 8``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import typing
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, instances are immutable.
-
-    Derive variants with ``cfg.model_copy(update={...})`` (validated by :func:`replace`).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class SpecError(ValueError):
-    """A pipeline spec (or an override of one) is invalid. The message names field, value and rule."""
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the spec reference in README.md")
-        elif e["type"] == "missing":
-            lines.append(f"{path}: required field is missing")
-        else:
-            lines.append(f"{path}: {value!r} is not allowed: {e['msg']}")
-    return "\n".join(lines)
-
-
-def validate_section(cls: type[BaseModel], data: Any, where: str = "") -> Any:
-    """Build ``cls`` from ``data``, turning pydantic's errors into a :class:`SpecError`."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise SpecError(f"invalid spec{' (' + where + ')' if where else ''}:\n" + format_validation_error(err)) from None
-
-
-def replace(section: Section, **changes: Any) -> Any:
-    """Validated ``dataclasses.replace`` for a section (``model_copy`` alone skips validation)."""
-    data = section.model_dump()
-    data.update(changes)
-    return validate_section(type(section), data)
-
-
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file {str(p)!r} does not exist (looked in {p.resolve().parent}); "
-                        f"available specs: {', '.join(sorted(x.name for x in Path('pipelines').glob('*.yaml'))) or 'none found in ./pipelines'}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise SpecError(f"spec file {str(p)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"spec file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
-# The pipeline spec: composition of the sections owned by each component.
-# ---------------------------------------------------------------------------------------------
-
-
-def _sections():
-    # Imported lazily: the section classes live next to the code they configure, and some of
-    # those modules import this one.
-    from visgen.data.ingest import IngestConfig
-    from visgen.data.synth import SynthConfig
-    from visgen.data.token_cache import TokenCacheConfig
-    from visgen.eval.captions import CaptionEvalConfig
-    from visgen.eval.generic import HeldoutEvalConfig
-    from visgen.eval.geneval import GenEvalConfig
-    from visgen.eval.tune import SamplingSearchConfig
-    from visgen.models.gpt import PRESETS as GPT_PRESETS
-    from visgen.models.gpt import GPTConfig
-    from visgen.models.vq import PRESETS as VQ_PRESETS
-    from visgen.models.vq import VQConfig
-    from visgen.text.tokenizer import TextTokenizerConfig
-    from visgen.pipeline import SamplingConfig
-    from visgen.retrain import RetrainConfig
-    from visgen.serve.config import ServeConfig, ServeLimits
-    from visgen.tracking import TrackingConfig
-    from visgen.train.config import ScalingConfig, TrainConfig
-    from visgen.train.lm import LMRecipe
-
-    return locals()
-
-
-class Workdir:
-    """Where every durable artifact of one pipeline lives (one directory, nothing else to set up).
-
-    ``root`` is a local directory or an object store URL (``s3://bucket/run``, see
-    :mod:`visgen.storage`). With a URL, the artifacts that Ray tasks, Train workers and Serve
-    replicas read or write on any node are addressed by URL (:meth:`location`; the quarantine
-    table, the token cache and the Train checkpoints are written there directly), and the driver
-    works on the rest (text tokenizer, exported models, bundle, evaluation files, summary, the
-    sqlite MLflow store) in a local mirror of the workdir (:attr:`root`), pulled before a stage
-    reads it and pushed when the stage wrote it (:meth:`pull` / :meth:`push`). For a local
-    workdir :attr:`root` is the directory itself and pulling or pushing does nothing.
-    """
-
-    def __init__(self, root: str | Path):
-        from visgen import storage
-
-        if storage.is_url(root):
-            self.url: str | None = storage.location(root)
-            self.root = storage.mirror_dir(self.url)
-        else:
-            self.url = None
-            self.root = Path(root).expanduser().resolve()
-
-    remote = property(lambda self: self.url is not None)
-    shards = property(lambda self: self.root / "shards")
-    text_tokenizer = property(lambda self: self.root / "text_tokenizer.json")
-    models = property(lambda self: self.root / "models")
-    bundle = property(lambda self: self.root / "models" / "bundle")
-    eval = property(lambda self: self.root / "eval")
-    # Shared by every node: a URL for a remote workdir.
-    quarantine = property(lambda self: self.location("quarantine"))
-    token_cache = property(lambda self: self.location("token_cache"))
-    ray_results = property(lambda self: self.location("ray_results"))
-
-    def location(self, relative: str | Path) -> str:
-        """The durable location of ``relative`` (a path inside the workdir, or a local path under
-        :attr:`root`): ``<url>/<relative>`` for a remote workdir, the local path otherwise."""
-        rel = Path(relative)
-        if rel.is_absolute():
-            rel = rel.relative_to(self.root)
-        if self.url is None:
-            return str(self.root / rel)
-        from visgen import storage
-
-        return storage.join(self.url, rel.as_posix())
-
-    def shared(self, path: str | Path) -> str:
-        """What to hand a Ray task for a local path: its location in the bucket when the workdir is
-        remote and ``path`` is in the mirror, else the path itself (a URL stays a URL)."""
-        text = str(path)
-        if self.url is None or "://" in text:
-            return text
-        p = Path(text).expanduser().resolve()
-        return self.location(p) if p.is_relative_to(self.root) else str(p)
-
-    def pull(self, *relative: str | Path) -> None:
-        """Bring the named files or directories of a remote workdir into the local mirror (a name the
-        bucket does not hold is left as it is; one whose listing has not changed since the last pull
-        or push is not downloaded again); nothing for a local workdir."""
-        if self.url is None:
-            return
-        from visgen import storage
-
-        for rel in relative:
-            loc = self.location(rel)
-            remote = storage.listing(loc)
-            if not remote:
-                continue
-            local = self.root / loc[len(self.url) + 1:]
-            key = loc[len(self.url) + 1:]
-            if not (local.exists() and self._synced().get(key) == remote):
-                storage.download(loc, local)
-                self._record(key, remote)
-
-    def push(self, *relative: str | Path) -> None:
-        """Upload the named files or directories of the local mirror to a remote workdir (replacing
-        them there); nothing for a local workdir or for a name the mirror does not hold."""
-        if self.url is None:
-            return
-        from visgen import storage
-
-        for rel in relative:
-            loc = self.location(rel)
-            key = loc[len(self.url) + 1:]
-            local = self.root / key
-            if local.exists():
-                storage.upload(local, loc)
-                self._record(key, storage.listing(loc))
-
-    def _synced(self) -> dict:
-        path = self.root / ".visgen-sync.json"
-        try:
-            return {k: [tuple(e) for e in v] for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError):
-            return {}
-
-    def _record(self, key: str, listing: list) -> None:
-        state = self._synced()
-        state[key] = [tuple(e) for e in listing]
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / ".visgen-sync.json").write_text(json.dumps(state))
-
-    def __repr__(self) -> str:
-        return f"Workdir({self.url or str(self.root)!r})"
-
+from visgen import storage
+# The base names, re-exported: `from visgen.config import SpecError` is what users and tests write.
+from visgen.base import (  # noqa: F401
+    DERIVED_FIELDS, Section, SpecError, format_validation_error, get_dotted, parse_override, read_yaml, replace, set_dotted,
+    validate_section,
+)
+from visgen.data.ingest import IngestConfig
+from visgen.data.synth import SynthConfig
+from visgen.data.token_cache import TokenCacheConfig
+from visgen.eval.captions import CaptionEvalConfig
+from visgen.eval.generic import HeldoutEvalConfig
+from visgen.eval.geneval import GenEvalConfig
+from visgen.eval.tune import SamplingSearchConfig
+from visgen.models.gpt import PRESETS as GPT_PRESETS
+from visgen.models.gpt import GPTConfig
+from visgen.models.vq import PRESETS as VQ_PRESETS
+from visgen.models.vq import VQConfig
+from visgen.pipeline import SamplingConfig
+from visgen.retrain import RetrainConfig
+from visgen.serve.config import ServeConfig
+from visgen.text.tokenizer import TextTokenizerConfig
+from visgen.tracking import TrackingConfig
+from visgen.train.config import ScalingConfig, TrainConfig
+from visgen.train.lm import LMRecipe
+from visgen.workdir import Workdir  # noqa: F401 - re-exported
 
 _PLACEHOLDER = re.compile(r"\$\{(workdir|name)\}")
 
@@ -229,38 +65,6 @@ def _substitute(obj: Any, values: dict[str, str]) -> Any:
     return obj
 
 
-def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """``set_dotted(d, "data.ingest.resolution", 64)``; creates intermediate mappings."""
-    keys = dotted.split(".")
-    node = data
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise SpecError(f"{'.'.join(keys[:i + 1])}: is a {type(nxt).__name__}, cannot set {dotted!r} inside it")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def get_dotted(obj: Any, dotted: str) -> Any:
-    for k in dotted.split("."):
-        obj = obj[k] if isinstance(obj, dict) else getattr(obj, k)
-    return obj
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"data.ingest.resolution=64"`` → ``("data.ingest.resolution", 64)`` (the value is YAML)."""
-    if "=" not in text:
-        raise SpecError(f"override {text!r} must look like dotted.key=value, e.g. data.ingest.resolution=64")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
 class PipelineSpec(BaseModel):
     """One pipeline: data → text tokenizer → image tokenizer → token cache → LM → evaluation → serving.
 
@@ -268,35 +72,32 @@ class PipelineSpec(BaseModel):
     composes them and checks what spans sections (e.g. image resolution).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                       description="Pipeline name: names the MLflow experiment default, runs and checkpoints.")
     workdir: str = Field(description="Directory holding every artifact of this pipeline (`${name}` allowed).")
-    data: Any
-    text_tokenizer: Any = None
-    image_tokenizer: Any = None
-    token_cache: Any = None
-    lm: Any = None
-    sampling: Any = None
-    eval: Any = None
-    serve: Any = None
-    retrain: Any = None
-    tracking: Any = None
+    data: DataSpec
+    text_tokenizer: TextTokenizerConfig
+    image_tokenizer: ImageTokenizerSpec
+    token_cache: TokenCacheConfig
+    lm: LMSpec
+    sampling: SamplingConfig
+    eval: EvalSpec
+    serve: ServeConfig
+    retrain: RetrainConfig
+    tracking: TrackingConfig
 
     @model_validator(mode="before")
     @classmethod
     def _build_sections(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
-        s = _sections()
         raw = dict(raw)
         name = raw.get("name", "pipeline")
         workdir = raw.get("workdir") or "work/${name}"
         # Absolute, so Ray tasks and Train workers (whose CWD may differ) all see the same paths; a
         # URL (s3://bucket/run) is kept as a URL.
-        from visgen import storage
-
         raw["workdir"] = storage.location(_substitute(str(workdir), {"name": str(name), "workdir": ""}))
         raw = _substitute(raw, {"name": str(name), "workdir": raw["workdir"]})
         out = {k: raw[k] for k in ("name", "workdir") if k in raw}
@@ -310,28 +111,28 @@ class PipelineSpec(BaseModel):
         if not isinstance(data, dict) or "ingest" not in data:
             raise SpecError("invalid spec:\ndata.ingest: required section is missing (the shard source and preprocessing)")
         _check_keys(data, "data", ("synth", "ingest"))
-        ingest = _validate_at(s["IngestConfig"], data["ingest"], "data.ingest")
+        ingest = _validate_at(IngestConfig, data["ingest"], "data.ingest")
         out["data"] = DataSpec(
-            synth=_validate_at(s["SynthConfig"], data["synth"], "data.synth") if data.get("synth") is not None else None,
+            synth=_validate_at(SynthConfig, data["synth"], "data.synth") if data.get("synth") is not None else None,
             ingest=ingest)
-        out["text_tokenizer"] = _validate_at(s["TextTokenizerConfig"], raw.get("text_tokenizer") or {}, "text_tokenizer")
+        out["text_tokenizer"] = _validate_at(TextTokenizerConfig, raw.get("text_tokenizer") or {}, "text_tokenizer")
         tracking = dict(raw.get("tracking") or {})
         tracking.setdefault("experiment", f"visgen-{name}")
-        out["tracking"] = _validate_at(s["TrackingConfig"], tracking, "tracking")
-        out["image_tokenizer"] = _image_tokenizer_section(raw.get("image_tokenizer") or {}, ingest, s)
-        out["token_cache"] = _validate_at(s["TokenCacheConfig"], raw.get("token_cache") or {}, "token_cache")
-        out["lm"] = _lm_section(raw.get("lm") or {}, ingest, out["text_tokenizer"], out["image_tokenizer"].model, s)
-        out["sampling"] = _validate_at(s["SamplingConfig"], raw.get("sampling") or {}, "sampling")
+        out["tracking"] = _validate_at(TrackingConfig, tracking, "tracking")
+        out["image_tokenizer"] = _image_tokenizer_section(raw.get("image_tokenizer") or {}, ingest)
+        out["token_cache"] = _validate_at(TokenCacheConfig, raw.get("token_cache") or {}, "token_cache")
+        out["lm"] = _lm_section(raw.get("lm") or {}, ingest, out["text_tokenizer"], out["image_tokenizer"].model)
+        out["sampling"] = _validate_at(SamplingConfig, raw.get("sampling") or {}, "sampling")
         ev = raw.get("eval") or {}
         _check_keys(ev, "eval", ("shapes", "geneval", "captions", "sampling_search", "heldout"))
-        out["eval"] = EvalSpec(geneval=_validate_at(s["GenEvalConfig"], ev.get("geneval") or {}, "eval.geneval"),
-                               captions=_validate_at(s["CaptionEvalConfig"], ev.get("captions") or {}, "eval.captions"),
-                               sampling_search=_validate_at(s["SamplingSearchConfig"], ev.get("sampling_search") or {},
+        out["eval"] = EvalSpec(geneval=_validate_at(GenEvalConfig, ev.get("geneval") or {}, "eval.geneval"),
+                               captions=_validate_at(CaptionEvalConfig, ev.get("captions") or {}, "eval.captions"),
+                               sampling_search=_validate_at(SamplingSearchConfig, ev.get("sampling_search") or {},
                                                             "eval.sampling_search"),
-                               heldout=_validate_at(s["HeldoutEvalConfig"], ev.get("heldout") or {}, "eval.heldout"),
+                               heldout=_validate_at(HeldoutEvalConfig, ev.get("heldout") or {}, "eval.heldout"),
                                shapes=_shapes_benchmarks(ev.get("shapes", "auto"), data.get("synth") is not None))
-        out["serve"] = _validate_at(s["ServeConfig"], raw.get("serve") or {}, "serve")
-        out["retrain"] = _validate_at(s["RetrainConfig"], raw.get("retrain") or {}, "retrain")
+        out["serve"] = _validate_at(ServeConfig, raw.get("serve") or {}, "serve")
+        out["retrain"] = _validate_at(RetrainConfig, raw.get("retrain") or {}, "retrain")
         return out
 
     @cached_property
@@ -340,57 +141,42 @@ class PipelineSpec(BaseModel):
 
     def dump(self) -> dict:
         """Plain-data form (what MLflow logs as params, flattened)."""
-        return {
-            "name": self.name,
-            "workdir": self.workdir,
-            "data": {k: (v.model_dump(mode="json") if v is not None else None) for k, v in vars(self.data).items()},
-            "text_tokenizer": self.text_tokenizer.model_dump(mode="json"),
-            "image_tokenizer": {k: v.model_dump(mode="json") for k, v in vars(self.image_tokenizer).items()},
-            "token_cache": self.token_cache.model_dump(mode="json"),
-            "lm": {k: v.model_dump(mode="json") for k, v in vars(self.lm).items()},
-            "sampling": self.sampling.model_dump(mode="json"),
-            "eval": {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in vars(self.eval).items()},
-            "serve": self.serve.model_dump(mode="json"),
-            "retrain": self.retrain.model_dump(mode="json"),
-            "tracking": self.tracking.model_dump(mode="json"),
-        }
+        return self.model_dump(mode="json")
 
 
 TOP_LEVEL_KEYS = ("name", "workdir", "data", "text_tokenizer", "image_tokenizer", "token_cache", "lm", "sampling",
                   "eval", "serve", "retrain", "tracking")
 
 
-class DataSpec:
+class _Tree(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Tree):
     """``data:`` — the shapes generator (optional) and the ingest stage."""
 
-    def __init__(self, synth, ingest):
-        self.synth, self.ingest = synth, ingest
-
-    def __repr__(self) -> str:
-        return f"DataSpec(synth={self.synth!r}, ingest={self.ingest!r})"
+    synth: SynthConfig | None = None
+    ingest: IngestConfig
 
 
-class ImageTokenizerSpec:
+class ImageTokenizerSpec(_Tree):
     """``image_tokenizer:`` — model (a VQ preset + overrides), training and scaling sections."""
 
-    def __init__(self, model, train, scaling):
-        self.model, self.train, self.scaling = model, train, scaling
-
-    def __repr__(self) -> str:
-        return f"ImageTokenizerSpec(model={self.model!r}, train={self.train!r}, scaling={self.scaling!r})"
+    model: VQConfig
+    train: TrainConfig
+    scaling: ScalingConfig
 
 
-class LMSpec:
+class LMSpec(_Tree):
     """``lm:`` — the transformer (a GPT preset + overrides), its training recipe, loop and scaling."""
 
-    def __init__(self, model, recipe, train, scaling):
-        self.model, self.recipe, self.train, self.scaling = model, recipe, train, scaling
+    model: GPTConfig
+    recipe: LMRecipe
+    train: TrainConfig
+    scaling: ScalingConfig
 
-    def __repr__(self) -> str:
-        return f"LMSpec(model={self.model!r}, recipe={self.recipe!r}, train={self.train!r}, scaling={self.scaling!r})"
 
-
-class EvalSpec:
+class EvalSpec(_Tree):
     """``eval:`` — what the evaluation stages measure.
 
     ``heldout``: the metrics that hold on any data (held-out loss and perplexity, caption BLEU /
@@ -401,13 +187,11 @@ class EvalSpec:
     slot benchmark (``captions``), the judge-read ceiling of the image tokenizer and the search of
     the sampling defaults on validation prompts (``sampling_search``), which all read the shapes judge."""
 
-    def __init__(self, geneval, captions, sampling_search, heldout=None, shapes: bool = True):
-        self.geneval, self.captions, self.sampling_search = geneval, captions, sampling_search
-        self.heldout, self.shapes = heldout, shapes
-
-    def __repr__(self) -> str:
-        return (f"EvalSpec(shapes={self.shapes!r}, geneval={self.geneval!r}, captions={self.captions!r}, "
-                f"sampling_search={self.sampling_search!r}, heldout={self.heldout!r})")
+    geneval: GenEvalConfig
+    captions: CaptionEvalConfig
+    sampling_search: SamplingSearchConfig
+    heldout: HeldoutEvalConfig
+    shapes: bool = True
 
 
 def _shapes_benchmarks(value: Any, has_synth: bool) -> bool:
@@ -428,27 +212,28 @@ def _check_keys(raw: Any, path: str, allowed: tuple[str, ...]) -> None:
         raise SpecError("invalid spec:\n" + "\n".join(f"{path}.{k}: unknown key; allowed: {', '.join(allowed)}" for k in unknown))
 
 
-def _lm_section(raw: Any, ingest, text_tokenizer, vq, s: dict) -> LMSpec:
+def _lm_section(raw: Any, ingest, text_tokenizer, vq) -> LMSpec:
     _check_keys(raw, "lm", ("model", "recipe", "train", "scaling"))
     model = dict(raw.get("model") or {})
     preset = model.pop("preset", "small")
-    if preset not in s["GPT_PRESETS"]:
-        raise SpecError(f"invalid spec:\nlm.model.preset: {preset!r} is not allowed: choose one of {sorted(s['GPT_PRESETS'])}")
+    if preset not in GPT_PRESETS:
+        raise SpecError(f"invalid spec:\nlm.model.preset: {preset!r} is not allowed: choose one of {sorted(GPT_PRESETS)}")
     side = vq.resolution // vq.downsample
     # The vocabulary and layout follow the tokenizers and the ingest stage; they cannot be set apart.
     derived = {"text_vocab": (text_tokenizer.vocab_size, "text_tokenizer.vocab_size"),
                "codebook_size": (vq.codebook_size, "image_tokenizer.model.codebook_size"),
                "grid": ((side, side), "the image tokenizer's latent grid"),
                "max_text_tokens": (ingest.max_text_tokens, "data.ingest.max_text_tokens")}
+    assert tuple(derived) == DERIVED_FIELDS["lm.model"]
     for key, (value, source) in derived.items():
         if key in model and (tuple(model[key]) if key == "grid" else model[key]) != value:
             raise SpecError(f"invalid spec:\nlm.model.{key}: {model[key]!r} is not allowed: it follows {source} ({value!r})")
         model[key] = value
     return LMSpec(
-        model=_validate_at(s["GPTConfig"], {**s["GPT_PRESETS"][preset], **model}, "lm.model"),
-        recipe=_validate_at(s["LMRecipe"], raw.get("recipe") or {}, "lm.recipe"),
-        train=_validate_at(s["TrainConfig"], raw.get("train") or {}, "lm.train"),
-        scaling=_validate_at(s["ScalingConfig"], raw.get("scaling") or {}, "lm.scaling"),
+        model=_validate_at(GPTConfig, {**GPT_PRESETS[preset], **model}, "lm.model"),
+        recipe=_validate_at(LMRecipe, raw.get("recipe") or {}, "lm.recipe"),
+        train=_validate_at(TrainConfig, raw.get("train") or {}, "lm.train"),
+        scaling=_validate_at(ScalingConfig, raw.get("scaling") or {}, "lm.scaling"),
     )
 
 
@@ -461,11 +246,11 @@ def _validate_at(cls: type[BaseModel], data: Any, path: str) -> Any:
         raise SpecError("invalid spec:\n" + format_validation_error(err, prefix=path)) from None
 
 
-def _image_tokenizer_section(raw: dict, ingest, s: dict) -> ImageTokenizerSpec:
+def _image_tokenizer_section(raw: dict, ingest) -> ImageTokenizerSpec:
     _check_keys(raw, "image_tokenizer", ("model", "train", "scaling"))
     model = dict(raw.get("model") or {})
     preset = model.pop("preset", "small")
-    presets = s["VQ_PRESETS"]
+    presets = VQ_PRESETS
     if preset not in presets:
         raise SpecError(f"invalid spec:\nimage_tokenizer.model.preset: {preset!r} is not allowed: choose one of {sorted(presets)}")
     base = dict(presets[preset]) if isinstance(presets[preset], dict) else presets[preset].model_dump()
@@ -475,9 +260,9 @@ def _image_tokenizer_section(raw: dict, ingest, s: dict) -> ImageTokenizerSpec:
     base.update(model)
     base["resolution"] = ingest.resolution
     return ImageTokenizerSpec(
-        model=_validate_at(s["VQConfig"], base, "image_tokenizer.model"),
-        train=_validate_at(s["TrainConfig"], raw.get("train") or {}, "image_tokenizer.train"),
-        scaling=_validate_at(s["ScalingConfig"], raw.get("scaling") or {}, "image_tokenizer.scaling"),
+        model=_validate_at(VQConfig, base, "image_tokenizer.model"),
+        train=_validate_at(TrainConfig, raw.get("train") or {}, "image_tokenizer.train"),
+        scaling=_validate_at(ScalingConfig, raw.get("scaling") or {}, "image_tokenizer.scaling"),
     )
 
 
@@ -495,3 +280,29 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Pipe
         raise SpecError(f"invalid spec {str(path)!r}:\n" + format_validation_error(err)) from None
     except SpecError as err:
         raise SpecError(str(err).replace("invalid spec:", f"invalid spec {str(path)!r}:", 1)) from None
+
+
+PipelineSpec.model_rebuild()  # its field types are defined below it
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` → ``X``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args and len(args) == 1 else annotation
+
+
+def _section_tree(model: type[BaseModel], prefix: str = "") -> dict[str, type[Section]]:
+    out: dict[str, type[Section]] = {}
+    for name, info in model.model_fields.items():
+        kind = _unwrap(info.annotation)
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            continue
+        path = f"{prefix}{name}"
+        if issubclass(kind, Section):
+            out[path] = kind
+        out.update(_section_tree(kind, prefix=f"{path}."))  # a group (DataSpec), or a nested section (serve.limits)
+    return out
+
+
+# Every section of a spec by its dotted path ("lm.train" -> TrainConfig), read from the typed tree.
+SECTIONS: dict[str, type[Section]] = _section_tree(PipelineSpec)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
 from visgen.models.io import check_fits

@@ -36,7 +36,7 @@ from typing import Literal
 from pydantic import Field
 
 from visgen import storage
-from visgen.config import Section, replace
+from visgen.base import Section, replace
 from visgen.data.sources import expand_source, shard_signature
 
 log = logging.getLogger("visgen.retrain")

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from visgen.config import Section
+from visgen.base import Section
+from visgen.workdir import Workdir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -89,8 +90,6 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
         return env_uri
     if cfg.tracking_uri:
         return cfg.tracking_uri
-    from visgen.config import Workdir
-
     # A remote workdir (s3://...) keeps the sqlite store in its local mirror: sqlite needs a file.
     return f"sqlite:///{Workdir(workdir).root / DB_NAME}"
 
@@ -469,8 +468,6 @@ def open_run(cfg: TrackingConfig, uri: str, workdir: str | Path, run_name: str,
 
     artifact_location = None
     if not is_remote_store(uri):
-        from visgen.config import Workdir
-
         wd = Workdir(workdir)
         wd.root.mkdir(parents=True, exist_ok=True)  # holds the sqlite file
         if wd.remote:  # an object store workdir: the artifacts go to the bucket (MLflow's S3 / GCS stores)

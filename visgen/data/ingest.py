@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data.images import IMAGE_FORMATS, ImageError, ImagePrep, describe_error, open_image, to_model_square
 from visgen.data.sources import expand_source, split_shards
 from visgen.data.webdataset_source import IMAGE_EXTS, RawSample

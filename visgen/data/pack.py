@@ -56,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data.ingest import (
     NOTICE_REASONS,
     QUARANTINE_REASONS,

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 from braceexpand import braceexpand
 
-from visgen.config import SpecError
+from visgen.base import SpecError
 
 _GLOB_CHARS = ("*", "?", "[")
 _LOCAL_SCHEMES = ("", "file")

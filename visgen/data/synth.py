@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from visgen import storage
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data import captions, shapes
 from visgen.data.webdataset_source import write_tar_member
 

@@ -52,7 +52,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from visgen import storage
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data.ingest import (
     NOTICE_REASONS,
     IngestConfig,

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from visgen.workdir import Workdir
+
 log = logging.getLogger("visgen.eval")
 
 
@@ -28,8 +30,6 @@ def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: str | Path) -> dict:
     from visgen.data.ingest import build_dataset
     from visgen.data.shapes import Scene
     from visgen.eval.captions import caption_metrics
-
-    from visgen.config import Workdir
 
     ds = build_dataset(ingest, None, Workdir(workdir).quarantine, split="holdout").select_columns(["image", "json"])
     rows = ds.take(cfg.samples)
@@ -133,8 +133,6 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
     if not shapes and heldout is None:
         raise ValueError("nothing to evaluate: shapes=False (not shapes data) and no held-out metrics (heldout=None); "
                          "pass heldout=HeldoutEvalConfig() (the spec's eval.heldout)")
-    from visgen.config import Workdir
-
     wd = Workdir(workdir)  # a local directory, or the local mirror of an object store workdir
     workdir = wd.url or wd.root
     pipe = Pipeline.load(bundle_dir, device=device)

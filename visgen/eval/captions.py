@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data import captions as grammar
 from visgen.data.shapes import Prompt, Scene
 

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from visgen.config import Section
+from visgen.base import Section
+from visgen.workdir import Workdir
 
 log = logging.getLogger("visgen.eval")
 
@@ -80,8 +81,6 @@ class HeldoutEvalConfig(Section):
 def heldout_pairs(ingest: Any, workdir: str | Path, n: int) -> tuple[list[np.ndarray], list[str]]:
     """The first ``n`` held-out (image (R, R, 3) uint8, caption) pairs, as ingest makes them."""
     from visgen.data.ingest import build_dataset
-
-    from visgen.config import Workdir
 
     ds = build_dataset(ingest, None, Workdir(workdir).quarantine, split="holdout")
     rows = ds.select_columns(["image", "caption"]).take(n)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data import captions, shapes
 from visgen.data.shapes import ObjectSlot, Prompt
 from visgen.eval.generic import prompt_sheet

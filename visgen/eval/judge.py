@@ -56,7 +56,7 @@ import numpy as np
 from pydantic import Field, model_validator
 from scipy import ndimage
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.data import shapes
 
 log = logging.getLogger("visgen.eval.judge")
@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str, **overrides: Any) -> JudgeConfig:
     """A named :data:`PRESETS` config with ``overrides`` applied (validated)."""
-    from visgen.config import validate_section
+    from visgen.base import validate_section
 
     if name not in PRESETS:
         raise ValueError(f"unknown judge preset {name!r}; available: {', '.join(PRESETS)}")
@@ -516,7 +516,7 @@ class Judge:
     def load(cls, path: str | Path) -> "Judge":
         from safetensors.torch import load_file
 
-        from visgen.config import validate_section
+        from visgen.base import validate_section
 
         p = Path(path)
         if not (p / WEIGHTS_NAME).is_file() or not (p / META_NAME).is_file():

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from visgen.config import Section
+from visgen.base import Section
 
 log = logging.getLogger("visgen.eval.tune")
 
@@ -161,7 +161,7 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
 
 def chosen_sampling(base: Any, result: dict) -> Any:
     """``base`` (a ``SamplingConfig``) with the search's chosen values, validated."""
-    from visgen.config import replace
+    from visgen.base import replace
 
     return replace(base, **result["chosen"])
 

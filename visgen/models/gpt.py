@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from visgen.config import Section, SpecError, validate_section
+from visgen.base import Section, SpecError, validate_section
 from visgen.models.sampling import (  # noqa: F401 - sample, uniform_noise: re-exported for callers of gpt
     check_sampling, guide, pick, sample, uniform_noise,
 )

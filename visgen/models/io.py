@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from pydantic import BaseModel
 
-from visgen.config import validate_section
+from visgen.base import validate_section
 
 M = TypeVar("M", bound=torch.nn.Module)
 

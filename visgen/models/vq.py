@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 
-from visgen.config import Section, SpecError, validate_section
+from visgen.base import Section, SpecError, validate_section
 from visgen.models.io import fingerprint, load_model, save_model
 
 

@@ -319,7 +319,7 @@ def app_builder(args: dict) -> serve.Application:
     ``args``: ``pipeline`` (a spec path; its ``serve:`` section and tracking store are used) and
     ``serve`` (field overrides, e.g. ``{"max_batch_size": 8}``).
     """
-    from visgen.config import SpecError, validate_section
+    from visgen.base import SpecError, validate_section
 
     args = dict(args or {})
     unknown = set(args) - {"pipeline", "serve", "tracking_uri"}

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from visgen.config import Section
+from visgen.base import Section
 from visgen.train.config import AutoOrBool
 
 

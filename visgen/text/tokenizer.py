@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from visgen.config import Section
+from visgen.base import Section
 # The table lives with the models (which must not import the tokenizers library); re-exported here.
 from visgen.models.tokens import LANGUAGE_TOKENS, SPECIAL_TOKENS  # noqa: F401 - LANGUAGE_TOKENS is re-exported
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from visgen.config import Section
+from visgen.base import Section
 
 
 def _auto_or_cpus(v: Any) -> Any:

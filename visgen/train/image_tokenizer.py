@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from visgen import storage
-from visgen.config import Workdir
+from visgen.workdir import Workdir
 from visgen.models.vq import VQConfig, VQLoss, VQModel, load_vq, save_vq, to_model_input, to_uint8
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit

@@ -31,7 +31,8 @@ import torch
 from pydantic import Field
 
 from visgen import storage
-from visgen.config import Section, Workdir
+from visgen.base import Section
+from visgen.workdir import Workdir
 from visgen.models.gpt import EN, LM_FORMAT, PAD, ZH, GPTConfig, Layout, VisGPT, save_gpt
 from visgen.pipeline import SamplingConfig
 from visgen.train.checkpoint import child
