@@ -98,10 +98,15 @@ def test_lm_feed_every_feed_against_the_device(ray_session, capsys):
 @pytest.mark.slow
 def test_lm_feed_dry_run_and_feed_subsets(ray_session, capsys):
     feed = _load("lm_feed")
-    s = feed.main(["--dry-run", "--device", "cpu", "--feeds", "device,stream", "--rows", "20"])
+    # --rows 56: not the dry run's default (6 steps x batch 8 = 48), and one pass of 7 batches holds
+    # the 6 steps, so the stream feed starts one Ray Data pass per run (20 rows took three, ~2.5 s
+    # each). Streaming over several passes is tested in tests/test_train_feed.py
+    # (test_the_transformer_trains_on_either_feed[stream] and
+    # test_feed_collates_in_a_thread_with_the_step_and_marks_epochs).
+    s = feed.main(["--dry-run", "--device", "cpu", "--feeds", "device,stream", "--rows", "56"])
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"feed"')]
     assert [r["feed"] for r in runs] == ["device", "stream"] and s["preset"] == "tiny"
-    assert s["rows"] == 20 and s["live_feed"] == "stream"  # auto would pick memory, which did not run
+    assert s["rows"] == 56 and s["live_feed"] == "stream"  # auto would pick memory, which did not run
     with pytest.raises(SystemExit):
         feed.main(["--dry-run", "--feeds", "device,disk"])
     assert "feeds must be a comma-separated subset" in capsys.readouterr().err

@@ -150,25 +150,83 @@ def test_literal_flags_list_their_choices():
         parser.parse_args(["data", "ingest", "--resize-mode", "stretch"])
 
 
-@pytest.mark.parametrize("argv", [[], ["data"], ["spec"]] + [list(c) for c in COMMANDS])
-def test_help_everywhere(argv):
-    out = subprocess.run([sys.executable, "-m", "visgen.cli", *argv, "--help"], capture_output=True, text=True, timeout=60)
+# `python -m visgen.cli ARGV` for each command line below, each in a process of its own that has
+# imported no visgen module: visgen.cli runs as __main__ (runpy, as `-m` does), with its own
+# stdout, stderr and exit status. The processes are forked from one interpreter that imported
+# only the third-party packages the component commands load (torch, Ray Data, ...: ~5 s per
+# fresh interpreter on two cores, paid once here instead of once per command); every visgen
+# import happens after the fork, in the order that command's own `python -m` would make it.
+_FORK_RUNNER = r"""
+import json, os, runpy, sys, tempfile, traceback
+import numpy, pydantic, yaml, torch, ray.data, scipy.ndimage, PIL.Image, tokenizers, safetensors  # third-party only
+assert not [m for m in sys.modules if m.split(".")[0] == "visgen"], "the runner must not import visgen"
+results = []
+for argv in json.load(sys.stdin):
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = ["visgen.cli", *argv]
+        code = 0
+        try:
+            runpy.run_module("visgen.cli", run_name="__main__", alter_sys=True)
+        except SystemExit as done:  # as the interpreter turns it into an exit status
+            if done.code is None or isinstance(done.code, int):
+                code = done.code or 0
+            else:
+                print(done.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    results.append({"argv": argv, "returncode": os.waitstatus_to_exitcode(status),
+                    "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")})
+print(json.dumps(results))
+"""
+
+HELP_ARGVS = [[], ["data"], ["spec"]] + [list(c) for c in COMMANDS]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """{argv tuple: CompletedProcess} of `python -m visgen.cli ARGV` for --help everywhere and `spec show`."""
+    import json
+
+    bad = tmp_path_factory.mktemp("cli") / "bad.yaml"
+    bad.write_text(open(SPEC).read().replace("resolution: 32\n    min_size", "resolution: -3\n    min_size"))
+    argvs = [[*argv, "--help"] for argv in HELP_ARGVS]
+    argvs += [["spec", "show", "--pipeline", str(bad)], ["spec", "show", "--pipeline", SPEC, "--set", "data.synth.seed=5"]]
+    done = subprocess.run([sys.executable, "-c", _FORK_RUNNER], input=json.dumps(argvs), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["argv"] for r in results] == argvs
+    return {tuple(r["argv"]): subprocess.CompletedProcess(r["argv"], r["returncode"], r["stdout"], r["stderr"])
+            for r in results} | {"bad": bad}
+
+
+@pytest.mark.parametrize("argv", HELP_ARGVS)
+def test_help_everywhere(argv, cli_runs):
+    out = cli_runs[(*argv, "--help")]
     assert out.returncode == 0, out.stderr
     assert "usage: visgen" in out.stdout
 
 
-def test_bad_spec_exits_2_with_the_field(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(open(SPEC).read().replace("resolution: 32\n    min_size", "resolution: -3\n    min_size"))
-    out = subprocess.run([sys.executable, "-m", "visgen.cli", "spec", "show", "--pipeline", str(bad)],
-                         capture_output=True, text=True, timeout=60)
+def test_bad_spec_exits_2_with_the_field(cli_runs):
+    out = cli_runs[("spec", "show", "--pipeline", str(cli_runs["bad"]))]
     assert out.returncode == 2
     assert "data.ingest.resolution: -3" in out.stderr
 
 
-def test_spec_show_prints_resolved_json():
-    out = subprocess.run([sys.executable, "-m", "visgen.cli", "spec", "show", "--pipeline", SPEC, "--set", "data.synth.seed=5"],
-                         capture_output=True, text=True, timeout=60)
+def test_spec_show_prints_resolved_json(cli_runs):
+    out = cli_runs[("spec", "show", "--pipeline", SPEC, "--set", "data.synth.seed=5")]
     assert out.returncode == 0, out.stderr
     import json
 

@@ -60,13 +60,21 @@ def plant_bad_shards(bad_dir: Path, good_shard: Path) -> dict[str, str]:
 @contextmanager
 def ray_head():
     """A separate Ray head (own ports and temp dir) in --block mode: stopping it stops only this
-    cluster, never the test session's own Ray instance. Yields the job address and environment."""
+    cluster, never the test session's own Ray instance. Yields the job address and environment, and
+    ``wait_ready()``: the head starts in the background, so the caller can do other work while it
+    comes up."""
+    import requests
+
     temp_dir = tempfile.mkdtemp(prefix="vg-ray-")  # short: Ray's socket paths must fit in 107 bytes
     gcs, dash, agent, client = (free_port() for _ in range(4))
     # A loopback-only test cluster: token authentication off for the head and the CLI alike (Ray
     # 2.60 otherwise turns it on and the CLI needs the token; the README says how on a real cluster).
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-           "RAY_AUTH_MODE": "disabled"}
+           "RAY_AUTH_MODE": "disabled",
+           # Stopping the head at the end exits at once: Ray 2.60's SIGTERM handler otherwise drains
+           # the node for up to 30 s first (meant for Serve replicas behind a load balancer; the
+           # app is shut down by then).
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
@@ -78,19 +86,28 @@ def ray_head():
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     run_env = {**env, "RAY_ADDRESS": address}
-    try:
-        deadline = time.time() + 180
-        while True:  # ready = the job API answers (the dashboard and the head's job agent are up)
+
+    def wait_ready() -> None:
+        """Until the job API answers (what `ray job list` asks: /api/version, then /api/jobs/), polled
+        over HTTP from here: a `ray job list` per probe costs ~3 s of CPU the starting head needs."""
+        deadline, last = time.time() + 180, ""
+        while True:
             if proc.poll() is not None:
                 pytest.fail(f"ray start exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=run_env,
-                                   capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0:
-                break
+            try:
+                version = requests.get(f"{address}/api/version", timeout=10)
+                jobs = requests.get(f"{address}/api/jobs/", timeout=10) if version.status_code == 200 else version
+                if jobs.status_code == 200 and isinstance(jobs.json(), list):
+                    return
+                last = f"{jobs.status_code}: {jobs.text[-2000:]}"
+            except (requests.RequestException, ValueError) as err:
+                last = repr(err)
             if time.time() > deadline:
-                pytest.fail(f"the Ray head's job API never came up: {probe.stderr[-2000:]}")
-            time.sleep(2)
-        yield {"address": address, "env": run_env}
+                pytest.fail(f"the Ray head's job API never came up: {last}")
+            time.sleep(0.5)
+
+    try:
+        yield {"address": address, "env": run_env, "wait_ready": wait_ready}
     finally:
         stop_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -127,7 +144,8 @@ def serve_deploy_and_ask(head: dict, work: Path, tmp_path: Path) -> None:
                 info = r.json() if r.status_code == 200 else None
             except requests.RequestException:
                 pass
-            time.sleep(2)
+            if info is None:
+                time.sleep(0.5)
         assert info is not None, "the app from serve deploy never answered /v1/model"
         assert info["version"] == "1" and info["model_uri"] == "models:/visgen@champion"
         r = requests.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": 1},
@@ -150,21 +168,23 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     py = sys.executable
 
-    # 1) the shards first (so bad shards can be planted beside them), through the synth job
-    out = subprocess.run([py, "jobs/synth.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    expected = plant_bad_shards(work / "bad", work / "shards" / "00000.tar")
-    phase("synth job done")
-
-    # 2) the main job over good + bad shards (brace + glob source), submitted to a Ray cluster
-    source = f"{work}/{{shards,bad}}/*.tar"
-    port = free_port()
-    job_args = ["jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
-                "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1",
-                "--set", f"serve.port={port}"]
-    submission = f"visgen-test-{int(time.time())}"
+    # 1) the shards first (so bad shards can be planted beside them), through the synth job (a plain
+    # local job: its own Ray instance), while the Ray head for step 2 comes up in the background
     with ray_head() as head:
+        out = subprocess.run([py, "jobs/synth.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        expected = plant_bad_shards(work / "bad", work / "shards" / "00000.tar")
+        phase("synth job done")
+
+        # 2) the main job over good + bad shards (brace + glob source), submitted to a Ray cluster
+        source = f"{work}/{{shards,bad}}/*.tar"
+        port = free_port()
+        job_args = ["jobs/pipeline.py", "--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work),
+                    "--set", f"data.ingest.source={source}", "--set", "data.ingest.holdout_shards=1",
+                    "--set", f"serve.port={port}"]
+        submission = f"visgen-test-{int(time.time())}"
+        head["wait_ready"]()
         phase("ray head up")
         submit = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", submission,
                   "--working-dir", str(ROOT), "--", "python", *job_args]
@@ -183,6 +203,7 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
         phase("job record checked")
         serve_deploy_and_ask(head, work, tmp_path)
         phase("serve deploy answered")
+    phase("ray head stopped")
     summary = json.loads((work / "summary.json").read_text())
     assert summary["pipeline"] == "shapes-tiny" and summary["total_s"] > 0
 

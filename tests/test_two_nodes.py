@@ -32,7 +32,10 @@ STEPS, EVERY = 40, 5
 def _env() -> dict:
     # Loopback-only test cluster: token authentication off for the nodes and the drivers alike.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           # A stopped test node exits at once: Ray 2.60's SIGTERM handler otherwise drains the node
+           # for up to 30 s first (meant for Serve replicas behind a load balancer; none here).
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(k, None)
     return env
@@ -105,6 +108,11 @@ def checkpoints(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path):
+    t0 = time.perf_counter()
+
+    def phase(name: str) -> None:  # where the time goes, in the -s / failure output
+        print(f"[two-nodes {time.perf_counter() - t0:6.1f}s] {name}", flush=True)
+
     work, port = tmp_path / "work", free_port()
     env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
     common = ["--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work)]
@@ -115,11 +123,15 @@ def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path):
     with ExitStack() as stack:
         stack.enter_context(ray_node("nodeA", port, head=True))
         wait_for_nodes(port, {"nodeA"})
+        phase("head up")
         _, temp_b = stack.enter_context(ray_node("nodeB", port, head=False))
-        wait_for_nodes(port, {"nodeA", "nodeB"})
+        # the shards while node B joins: the synth job needs the head only
         out = subprocess.run([sys.executable, "jobs/synth.py", *common], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        phase("synth job done")
+        wait_for_nodes(port, {"nodeA", "nodeB"})
+        phase("second node joined")
 
         job = subprocess.Popen([sys.executable, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -130,12 +142,16 @@ def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path):
             assert job.poll() is None, "the run ended before its first checkpoint: " + job.stdout.read()[-3000:]
             first = checkpoints(run_dir)
             assert first and first[-1] < STEPS, first
+            phase(f"first checkpoint {first}")
             os.kill(raylet_pid(temp_b), signal.SIGKILL)  # node B is gone, with the worker it held
             stack.enter_context(ray_node("nodeC", port, head=False))  # a replacement node joins
+            phase("node B killed, node C started")
             text, _ = job.communicate(timeout=900)
+            phase("training job done")
         finally:
             if job.poll() is None:
                 job.kill()
+    phase("nodes stopped")
     assert job.returncode == 0, text[-5000:]
     # the run finished all its steps, restarted from a checkpoint written before the node died
     assert f"image tokenizer: {STEPS} steps" in text, text[-3000:]
