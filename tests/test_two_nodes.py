@@ -1,7 +1,9 @@
 """Two Ray nodes on one machine, as on a cluster: `ray start --head` and `ray start --address`, each
 with its own temp dir, CPUs and a resource naming it. The image tokenizer trains with 2 workers
 placed on different nodes (`STRICT_SPREAD`); the second node's raylet is killed mid-run, a new node
-joins (what an autoscaler does), and the run finishes from its last checkpoint.
+joins (what an autoscaler does), and the run finishes from its last checkpoint. The work directory
+is an S3 bucket (the session's local S3 server, ``tests/s3server.py``): shards, checkpoints and the
+exported model go through it, as on a cluster without a shared disk.
 
 Runs through the job scripts as child processes (the driver joins the cluster with RAY_ADDRESS),
 so it never touches the test session's own Ray instance."""
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from net import free_port, stop_group
+from visgen import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -101,25 +104,28 @@ def raylet_pid(temp_dir: str) -> int:
     raise AssertionError(f"no raylet process for the node in {temp_dir}")
 
 
-def checkpoints(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[-1]) for p in run_dir.glob("checkpoint_*") if (p / "trainer.json").is_file()) \
-        if run_dir.is_dir() else []
+def checkpoints(run_dir: str) -> list[int]:
+    """Steps of the checkpoints in the bucket whose trainer.json (written last by rank 0) is there."""
+    return sorted(int(name.split("_")[-1]) for name in storage.listdir(run_dir)
+                  if name.startswith("checkpoint_") and storage.is_file(f"{run_dir}/{name}/trainer.json"))
 
 
 @pytest.mark.slow
-def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path):
+def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path, s3):
     t0 = time.perf_counter()
 
     def phase(name: str) -> None:  # where the time goes, in the -s / failure output
         print(f"[two-nodes {time.perf_counter() - t0:6.1f}s] {name}", flush=True)
 
-    work, port = tmp_path / "work", free_port()
-    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    common = ["--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", str(work)]
+    # The work directory is in the S3 bucket: the shards, the checkpoints both nodes write and read
+    # back (RunConfig.storage_path) and the exported model; nothing is shared through a local disk.
+    work, port = f"s3://{s3.bucket()}/run", free_port()
+    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "VISGEN_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", work]
     train = ["jobs/train_tokenizer.py", *common, "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
              "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--log-every", str(EVERY),
              "--max-failures", "2"]
-    run_dir = work / "ray_results" / "image_tokenizer"
+    run_dir = f"{work}/ray_results/image_tokenizer"
     with ExitStack() as stack:
         stack.enter_context(ray_node("nodeA", port, head=True))
         wait_for_nodes(port, {"nodeA"})
@@ -158,4 +164,4 @@ def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path):
     resumed = [int(line.split("step ")[1].split(",")[0]) for line in text.splitlines() if "resumed from checkpoint_" in line]
     assert resumed and resumed[0] >= first[-1] and resumed[0] % EVERY == 0, (first, resumed, text[-3000:])
     assert checkpoints(run_dir)[-1] == STEPS
-    assert (work / "models" / "image_tokenizer").is_dir()
+    assert storage.is_file(f"{work}/models/image_tokenizer/image_tokenizer.safetensors")
