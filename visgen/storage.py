@@ -237,7 +237,10 @@ def download(loc: str | Path, local: str | Path) -> Path:
     loc = location(loc)
     dst = Path(local)
     fs, path = filesystem(loc)
-    kind = _info(loc).type
+    try:
+        kind = fs.get_file_info(path).type  # the filesystem opened above, not a second one
+    except OSError as err:
+        raise StorageError(f"cannot read {loc}: {err}") from None
     if kind == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{loc} does not exist")
     if dst.is_dir():
