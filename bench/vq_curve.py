@@ -5,7 +5,14 @@ and, at each of ``--at`` steps, scores its reconstructions of real renders of th
 prompts with the GenEval-shapes judge (:func:`visgen.eval.geneval.reconstruction_ceiling`): the
 most a transformer drawing through this tokenizer could score. One JSON line per checkpoint:
 
-    {"model", "step", "train_s", "psnr", "ceiling", "tasks": {...}, "usage"}
+    {"model", "step", "train_s", "psnr", "ceiling", "tasks": {...}, "usage", "code_entropy",
+     "background_entropy", "blank_codes", "blank_max_error"}
+
+``code_entropy`` is the entropy (nats) of the codes of the training renders, ``background_entropy``
+the same over the patches that are pure background, and ``blank_codes`` the distinct codes of an
+empty grey image (``blank_max_error``: the largest pixel error of its reconstruction, 0-255): what a transformer drawing through the tokenizer must predict. A tokenizer that
+spreads one flat background over hundreds of codes (each also telling where it sits and what is
+near) makes the transformer learn its encoder instead of the scene.
 
     python bench/vq_curve.py --at 400,800,1200                                   # the `small` preset
     python bench/vq_curve.py --model '{"base_channels": 32, "ch_mult": [1, 1, 1]}' --lr 2e-3
@@ -60,6 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     train_s = 0.0
 
+    from visgen.data.shapes import BACKGROUND
+
+    probe = images[:1000]
+    f = cfg.downsample
+    patches = probe.reshape(len(probe), cfg.resolution // f, f, cfg.resolution // f, f, 3).astype(np.int16)
+    is_background = np.abs(patches - np.asarray(BACKGROUND, np.int16)).max(axis=(2, 4, 5)) <= 3  # (B, h, w)
+    blank = np.broadcast_to(np.asarray(BACKGROUND, np.uint8), (1, cfg.resolution, cfg.resolution, 3)).copy()
+
+    def entropy(ids: np.ndarray) -> float:
+        p = np.bincount(ids.ravel(), minlength=cfg.codebook_size) / max(ids.size, 1)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    def code_stats() -> dict:
+        with torch.no_grad():
+            ids = model.encode(to_model_input(probe)).numpy()
+            blank_ids = model.encode(to_model_input(blank)).numpy()
+            blank_err = float(np.abs(to_uint8(model.decode(torch.as_tensor(blank_ids))).astype(np.int16) - blank).max())
+        return {"code_entropy": round(entropy(ids), 3), "background_entropy": round(entropy(ids[is_background]), 3),
+                "blank_codes": int(np.unique(blank_ids).size), "blank_max_error": blank_err}
+
     def reconstruct(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return to_uint8(model.decode(model.encode(to_model_input(x))))
@@ -85,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                           "psnr": round(10 * math.log10(255 ** 2 / max(mse, 1e-12)), 2),
                           "ceiling": round(ceiling["overall"], 3),
                           "tasks": {t: round(v, 3) for t, v in ceiling["tasks"].items()},
-                          "usage": round(float(model.codebook_usage()), 3)}), flush=True)
+                          "usage": round(float(model.codebook_usage()), 3), **code_stats()}), flush=True)
     return 0
 
 

@@ -42,6 +42,22 @@ def test_merges_are_learned(tok):
     assert len(tok.encode(text)) < len(text.encode()) / 2
 
 
+def test_chinese_is_one_token_per_character_and_shared_between_captions(tok):
+    # Merges never join two CJK characters (each character's bytes do merge): "红色" in one
+    # caption and another is the same ids, so the transformer learns a colour once, not once per
+    # phrase. A phrase-level vocabulary (the plain byte-level regex) fails both checks.
+    cjk = lambda ch: "\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\uffef"  # noqa: E731
+    for i in range(len(SPECIAL_TOKENS), tok.vocab_size):
+        piece = tok.decode([i])
+        assert sum(map(cjk, piece)) <= 1, (i, piece)
+    red, circle = tok.encode("红色"), tok.encode("圆形")
+    assert len(red) == 2 and len(circle) == 2
+    ids = tok.encode("一个红色的圆形在蓝色正方形的左边")
+    assert len(ids) == len("一个红色的圆形在蓝色正方形的左边")
+    joined = ",".join(map(str, ids))
+    assert ",".join(map(str, red)) in joined and ",".join(map(str, circle)) in joined
+
+
 def test_user_text_cannot_inject_special_tokens(tok):
     text = "<bos> a caption with <eos> and <soi> inside"
     ids = tok.encode(text)
@@ -177,3 +193,8 @@ def test_the_stage_retrains_a_tokenizer_from_before_the_language_tokens(tmp_path
     old.save(str(out))  # a file that lacks the specials under an up-to-date meta is retrained too
     assert stages.text_tokenizer(spec) == out and len(reads) == 2
     assert TextTokenizer.load(out).special_ids["<en>"] == 8
+    meta = json.loads(out.with_suffix(".meta.json").read_text())
+    del meta["pre_tokenization"]  # written before Chinese was split per character: retrained
+    out.with_suffix(".meta.json").write_text(json.dumps(meta))
+    assert stages.text_tokenizer(spec) == out and len(reads) == 3
+    assert len(TextTokenizer.load(out).encode("红色的圆形")) == 5

@@ -104,6 +104,50 @@ def test_encode_decode_round_trip_shapes(preset):
     assert out["codebook_loss"].ndim == 0 and out["commit_loss"].ndim == 0
 
 
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_patch_encoder_codes_depend_on_their_own_patch_only(preset):
+    model = _cheap(preset, encoder="patch").eval()
+    cfg, f = model.cfg, model.cfg.downsample
+    x = torch.rand(1, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    y = x.clone()
+    y[:, :, :f, :f] = -x[:, :, :f, :f]  # change the top-left patch only
+    a, b = model.encode(x), model.encode(y)
+    z = model.encoder(x) - model.encoder(y)
+    assert float(z[..., 1:, :].abs().max()) == 0.0 and float(z[..., 0, 1:].abs().max()) == 0.0
+    assert float(z[..., 0, 0].abs().max()) > 0
+    assert torch.equal(a[:, 1:], b[:, 1:]) and torch.equal(a[:, 0, 1:], b[:, 0, 1:])
+    # a flat image is one code wherever the patch sits; the convolutional encoder sees its padding
+    flat = torch.zeros(1, 3, cfg.resolution, cfg.resolution)
+    assert model.encode(flat).unique().numel() == 1
+    assert _cheap(preset, encoder="resnet").eval().encoder(flat).flatten(2).std(-1).max() > 0
+
+
+def test_channel_norm_keeps_the_decoder_local():
+    # GroupNorm pools statistics over the whole map: one code changed in a corner moves every pixel
+    # (and a map of one code, an empty scene, is normalised by ~sqrt(eps)). Per-position channel
+    # norm leaves pixels outside the decoder's receptive field exactly as they were.
+    for norm, local in (("channel", True), ("group", False)):
+        torch.manual_seed(0)
+        model = VQModel(vq_config("small", resolution=128, base_channels=8, z_channels=16,
+                                  encoder="patch", norm=norm)).eval()
+        ids = torch.full((1, 32, 32), 3)  # 4x down: 32 x 32 codes, wider than the decoder's receptive field
+        changed = ids.clone()
+        changed[0, 0, 0] = 7
+        far = (model.decode(ids) - model.decode(changed))[..., 96:, 96:].abs().max()
+        assert (float(far) == 0.0) is local, (norm, float(far))
+
+
+def test_models_saved_before_the_encoder_and_norm_fields_still_load(tmp_path):
+    model = VQModel(vq_config("tiny")).eval()
+    save_vq(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key in ("encoder", "norm"):  # what a file written before these fields existed holds
+        del meta["config"][key]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    assert load_vq(tmp_path).fingerprint() == model.fingerprint() == meta["fingerprint"]
+    assert VQModel(vq_config("tiny", encoder="patch")).fingerprint() != model.fingerprint()
+
+
 def test_bad_inputs_are_rejected():
     model = VQModel(vq_config("tiny")).eval()
     with pytest.raises(ValueError, match="to_model_input"):

@@ -32,15 +32,17 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
     """Train the byte-level BPE over the captions of the shard source; reuse it when up to date."""
     from visgen.data.ingest import read_captions
     from visgen.data.sources import expand_source, shard_signature
-    from visgen.text.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_text_tokenizer
+    from visgen.text.tokenizer import PRE_TOKENIZATION, SPECIAL_TOKENS, TextTokenizer, train_text_tokenizer
 
     out = spec.paths.text_tokenizer
     meta_path = out.with_suffix(".meta.json")
     spec.paths.pull(out.name, meta_path.name)  # an object store workdir: its copy in the local mirror
     # The special tokens are part of what the file must hold: one trained before the language
     # tokens (<en>, <zh>) existed is retrained here, not refused later by every stage that loads it.
+    # So is the splitting: one trained with phrase-level Chinese tokens is retrained per character.
     meta = {"config": spec.text_tokenizer.model_dump(mode="json"),
-            "source": shard_signature(expand_source(spec.data.ingest.source)), "specials": list(SPECIAL_TOKENS)}
+            "source": shard_signature(expand_source(spec.data.ingest.source)), "specials": list(SPECIAL_TOKENS),
+            "pre_tokenization": PRE_TOKENIZATION}
     if not force and out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         try:
             TextTokenizer.load(out)
@@ -49,7 +51,8 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
         except ValueError as err:
             log.warning("text tokenizer %s cannot be used (%s); retraining it", out, err)
     elif out.is_file() and not force:
-        log.info("text tokenizer %s was trained for other captions, settings or special tokens; retraining it", out)
+        log.info("text tokenizer %s was trained for other captions, settings, special tokens or splitting; "
+                 "retraining it", out)
     init_ray()
     t0 = time.perf_counter()
     ds = read_captions(spec.data.ingest)

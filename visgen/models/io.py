@@ -24,9 +24,18 @@ from visgen.base import validate_section
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-def fingerprint(cfg: BaseModel, state: dict[str, torch.Tensor], skip: Callable[[str], bool] = lambda name: False) -> str:
-    """sha256 of the config and of every tensor (name, dtype, shape, bytes) not ``skip``-ped."""
-    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+def fingerprint(cfg: BaseModel, state: dict[str, torch.Tensor], skip: Callable[[str], bool] = lambda name: False,
+                late_fields: tuple[str, ...] = ()) -> str:
+    """sha256 of the config and of every tensor (name, dtype, shape, bytes) not ``skip``-ped.
+
+    ``late_fields``: config fields added after models were saved, left out of the hash while they
+    hold their default (the behaviour those models were built with), so the saved files still load.
+    """
+    dump = cfg.model_dump(mode="json")
+    for name in late_fields:
+        if getattr(cfg, name) == type(cfg).model_fields[name].default:
+            dump.pop(name)
+    h = hashlib.sha256(json.dumps(dump, sort_keys=True).encode())
     for name, t in sorted(state.items()):
         if skip(name):
             continue

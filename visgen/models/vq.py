@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,16 @@ class VQConfig(Section):
     ch_mult: tuple[int, ...] = Field((1, 1, 2, 2, 4), min_length=1, max_length=8,
                                      description="Channel multiplier per level; downsample factor = 2**(len(ch_mult) - 1).")
     num_res_blocks: int = Field(2, ge=1, le=8, description="ResNet blocks per encoder level (the decoder uses one more).")
+    encoder: Literal["resnet", "patch"] = Field(
+        "resnet", description="'resnet': the convolutional encoder (each code sees a wide neighbourhood and, through "
+                              "GroupNorm, the whole image); 'patch': each code is a function of its own "
+                              "downsample x downsample patch only (a per-patch MLP), so equal patches always get "
+                              "the same code. The decoder is the convolutional one either way.")
+    norm: Literal["group", "channel"] = Field(
+        "group", description="Normalisation in the ResNet blocks: 'group' (GroupNorm over each channel group and the "
+                             "whole map, as in taming / LlamaGen) or 'channel' (LayerNorm over the channels of each "
+                             "position). GroupNorm divides a spatially flat map by ~sqrt(eps), so a decoder fed one "
+                             "code everywhere (an empty scene from a patch encoder) draws noise; 'channel' does not.")
     mid_attention: bool = Field(True, description="Add a self-attention block at the lowest resolution of encoder and decoder.")
     z_channels: int = Field(256, ge=4, le=4096, description="Channels of the encoder output before the 1x1 projection to codebook_dim.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside the ResNet blocks.")
@@ -108,14 +118,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                  z_channels=32, codebook_size=64, codebook_dim=8, usage_window=10,
                  l1_weight=1.0, l2_weight=1.0, use_gan=False, disc_start=0,
                  disc_channels=8, disc_layers=2),
-    # CPU demo on 32-px shapes: 8x8 tokens. What limits a generator drawing through it is whether the
-    # judge still reads its reconstructions (GenEval-shapes of reconstructed real renders), not PSNR:
-    # at 300 steps (26.6 dB) a 48-channel full-width net turned small triangles and crosses into
-    # blobs (ceiling 0.21). The ceiling grows with steps (16 -> 32 -> 32 channels over the three
-    # levels: 0.25 at 400 steps, 0.50 at 800, 0.70 at 1200, batch 32, lr 3e-3), at about half the
-    # CPU-seconds per step of 32 channels at full width for the same ceiling.
+    # 32-px shapes (the CPU demo; the GPU recipe widens it): 8x8 tokens of 4x4 pixels. What limits a
+    # generator drawing through it is whether the judge still reads its reconstructions (GenEval-shapes
+    # of reconstructed real renders), not PSNR, and how many codes a transformer must tell apart. The
+    # convolutional encoder with GroupNorm spread one flat grey background over ~870 codes (6.0 nats;
+    # a blank image alone got 51 codes: each code also told where it sat and what was near), 6.5 nats
+    # over all codes. A per-patch encoder gives the background one code, 2.4 nats over all codes, and
+    # a higher ceiling at the same steps (0.72 vs 0.50 at 800 steps, batch 32, lr 3e-3; PSNR 30.3 vs
+    # ~29); channel norm in the decoder, because GroupNorm turns a map of one code into noise.
     "small": dict(resolution=32, base_channels=16, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False,
-                  z_channels=64, codebook_size=1024, codebook_dim=8, usage_window=100,
+                  encoder="patch", norm="channel", z_channels=64, codebook_size=1024, codebook_dim=8, usage_window=100,
                   l1_weight=1.0, l2_weight=1.0, use_gan=False, disc_start=2000,
                   disc_channels=32, disc_layers=2),
     # GPU: LlamaGen-like 16x downsampling (16x16 tokens at 256 px). For 64 px, override with
@@ -155,17 +167,30 @@ def vq_config(preset: str, **overrides: Any) -> VQConfig:
 # Building blocks
 # ----------------------------------------------------------------------------------------
 
-def _norm(channels: int) -> nn.GroupNorm:
+class _PixelNorm(nn.Module):
+    """LayerNorm over the channels of each position: no statistic crosses a patch boundary."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _norm(channels: int, kind: str = "group") -> nn.Module:
+    if kind == "channel":
+        return _PixelNorm(channels)
     # 32 groups as in taming/LlamaGen, fewer when the (tiny-preset) channel count does not divide.
     groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, dropout: float = 0.0):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cin, norm), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout, norm), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -178,9 +203,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions of a feature map."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str = "group"):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, norm)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -191,8 +216,9 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-def _mid_block(ch: int, attention: bool, dropout: float) -> nn.Sequential:
-    layers = [ResBlock(ch, ch, dropout)] + ([AttnBlock(ch)] if attention else []) + [ResBlock(ch, ch, dropout)]
+def _mid_block(ch: int, attention: bool, dropout: float, norm: str = "group") -> nn.Sequential:
+    layers = ([ResBlock(ch, ch, dropout, norm)] + ([AttnBlock(ch, norm)] if attention else [])
+              + [ResBlock(ch, ch, dropout, norm)])
     return nn.Sequential(*layers)
 
 
@@ -205,14 +231,14 @@ class Encoder(nn.Module):
         for i, cout in enumerate(chs):
             blocks: list[nn.Module] = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(cin, cout, cfg.dropout))
+                blocks.append(ResBlock(cin, cout, cfg.dropout, cfg.norm))
                 cin = cout
             if i < len(chs) - 1:  # stride-2 conv halves the resolution between levels
                 blocks.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1))
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
-        self.mid = _mid_block(cin, cfg.mid_attention, cfg.dropout)
-        self.norm_out = _norm(cin)
+        self.mid = _mid_block(cin, cfg.mid_attention, cfg.dropout, cfg.norm)
+        self.norm_out = _norm(cin, cfg.norm)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, z_channels, h, w)
@@ -220,23 +246,55 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class _PatchMLPBlock(nn.Module):
+    def __init__(self, channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = _PixelNorm(channels)
+        self.fc1, self.fc2 = nn.Conv2d(channels, 2 * channels, 1), nn.Conv2d(2 * channels, channels, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.dropout(F.silu(self.fc1(self.norm(x)))))
+
+
+class PatchEncoder(nn.Module):
+    """Each token from its own f x f patch (f = the downsample factor) and nothing else.
+
+    A stride-f linear patch embedding, then ``num_res_blocks`` residual MLP blocks applied per
+    position. Two equal patches get the same code wherever they sit and whatever surrounds them,
+    so a flat background is one code and an object's code does not change with its neighbours:
+    the token statistics a transformer has to learn are those of the scenes, not of the encoder.
+    """
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        ch, f = cfg.base_channels * cfg.ch_mult[-1], cfg.downsample
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, f, stride=f)
+        self.blocks = nn.Sequential(*[_PatchMLPBlock(ch, cfg.dropout) for _ in range(cfg.num_res_blocks)])
+        self.norm_out = _PixelNorm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, z_channels, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         chs = [cfg.base_channels * m for m in reversed(cfg.ch_mult)]
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, padding=1)
-        self.mid = _mid_block(chs[0], cfg.mid_attention, cfg.dropout)
+        self.mid = _mid_block(chs[0], cfg.mid_attention, cfg.dropout, cfg.norm)
         levels, cin = [], chs[0]
         for i, cout in enumerate(chs):
             blocks: list[nn.Module] = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(cin, cout, cfg.dropout))
+                blocks.append(ResBlock(cin, cout, cfg.dropout, cfg.norm))
                 cin = cout
             if i < len(chs) - 1:  # nearest-neighbour x2 then a conv (no checkerboard artefacts)
                 blocks += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(cout, cout, 3, padding=1)]
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
-        self.norm_out = _norm(cin)
+        self.norm_out = _norm(cin, cfg.norm)
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z_channels, h, w) -> (B, 3, H, W)
@@ -385,7 +443,7 @@ class VQModel(nn.Module):
         if not isinstance(cfg, VQConfig):
             raise TypeError(f"VQModel expects a VQConfig, got {type(cfg).__name__}; build one with vq_config('tiny'|'small'|'base')")
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
         self.quantizer = VectorQuantizer(cfg)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
@@ -448,7 +506,8 @@ class VQModel(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 of the config and every tensor that changes tokens or pixels (usage stats excluded)."""
-        return fingerprint(self.cfg, self.state_dict(), skip=lambda name: ".stat_" in name)
+        return fingerprint(self.cfg, self.state_dict(), skip=lambda name: ".stat_" in name,
+                           late_fields=("encoder", "norm"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from visgen.base import Section
 # The table lives with the models (which must not import the tokenizers library); re-exported here.
@@ -189,9 +189,23 @@ def _unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+# CJK ideographs, radicals and CJK / full-width punctuation. Each is its own piece before byte-level
+# BPE, so merges stay inside one character (its UTF-8 bytes) and never join characters: Chinese is
+# written without spaces, and on a small caption set BPE would otherwise learn whole phrases
+# ("画面中有较大的紫色圆" as two tokens), one id per colour x shape x size combination, which the
+# transformer can neither compose nor learn from few examples. Per-character Chinese is what
+# BERT's Chinese vocabulary does for the same reason.
+# How text is split before BPE; a work directory's tokenizer trained with other splitting is retrained.
+PRE_TOKENIZATION = "cjk-characters+byte-level/1"
+CJK_CHARACTER = r"[\u2e80-\u2fdf\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
+
+
 def _empty_bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tok.decoder = decoders.ByteLevel()
     return tok
 
