@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--max-text-tokens", type=int, default=24, help="= data.ingest.max_text_tokens of the pipeline")
+    ap.add_argument("--max-text-tokens", type=int, default=26, help="= data.ingest.max_text_tokens of the pipeline (the demo: 26)")
     ap.add_argument("--t2i-ratio", type=float, default=0.5)
     ap.add_argument("--cond-dropout", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=500)
