@@ -105,8 +105,9 @@ def filesystem(loc: str | Path) -> tuple[pafs.FileSystem, str]:
                            "for S3)") from None
 
 
-def _info(loc: str) -> pafs.FileInfo:
-    fs, path = filesystem(loc)
+def _info(loc: str, opened: tuple[pafs.FileSystem, str] | None = None) -> pafs.FileInfo:
+    """What ``loc`` is, through ``opened`` (the ``filesystem(loc)`` a caller already holds) or a new one."""
+    fs, path = opened or filesystem(loc)
     try:
         return fs.get_file_info(path)
     except OSError as err:
@@ -237,10 +238,7 @@ def download(loc: str | Path, local: str | Path) -> Path:
     loc = location(loc)
     dst = Path(local)
     fs, path = filesystem(loc)
-    try:
-        kind = fs.get_file_info(path).type  # the filesystem opened above, not a second one
-    except OSError as err:
-        raise StorageError(f"cannot read {loc}: {err}") from None
+    kind = _info(loc, (fs, path)).type  # the filesystem opened above, not a second one
     if kind == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{loc} does not exist")
     if dst.is_dir():

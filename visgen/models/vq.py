@@ -125,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a blank image alone got 51 codes: each code also told where it sat and what was near), 6.5 nats
     # over all codes. A per-patch encoder gives the background one code, 2.4 nats over all codes, and
     # a higher ceiling at the same steps (0.72 vs 0.50 at 800 steps, batch 32, lr 3e-3; PSNR 30.3 vs
-    # ~29); channel norm in the decoder, because GroupNorm turns a map of one code into noise.
+    # 27.5); channel norm in the decoder, because GroupNorm turns a map of one code into noise.
     "small": dict(resolution=32, base_channels=16, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=False,
                   encoder="patch", norm="channel", z_channels=64, codebook_size=1024, codebook_dim=8, usage_window=100,
                   l1_weight=1.0, l2_weight=1.0, use_gan=False, disc_start=2000,
