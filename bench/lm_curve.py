@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                    help="muon: the blocks' weight matrices train with torch.optim.Muon at --muon-lr (the rest with AdamW)")
+    ap.add_argument("--muon-lr", type=float, default=0.02)
     args = ap.parse_args(argv)
 
     from visgen.data.captions import detect_language, slot_accuracy
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from visgen.pipeline import Pipeline, caption_codes
     from visgen.text.tokenizer import TextTokenizer
     from visgen.train.lm import assemble
-    from visgen.train.loop import LRSchedule, decay_groups
+    from visgen.train.config import TrainConfig
+    from visgen.train.task import WorkerEnv, muon_groups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     cjk = tok.script_tables(cfg.text_vocab)["cjk"]  # marks Chinese captions: their <zh> language token
     torch.manual_seed(args.seed)
     model = VisGPT(cfg).to(dev)
-    opt = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(args.warmup, args.steps, "cosine", args.min_lr_ratio))
+    if cfg.code_looks:
+        model.set_code_looks(vq.code_looks())
+    # The trainer's own optimisers, schedule and clipping (what lm.train configures in a pipeline).
+    env = WorkerEnv(TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                                warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio, optimizer=args.optimizer,
+                                muon_lr=args.muon_lr), dev)
+    env.build_optimizers({"model": muon_groups(model, model.blocks, args.weight_decay)})
     judge = load_judge()
     records = validation_prompts(SamplingSearchConfig(prompts_per_task=args.prompts_per_task))
     settings = [parse_sampling(s) for s in (args.sampling or ["3,1.0,0"])]
@@ -108,7 +117,23 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(text))
-    cursor, train_s, losses = 0, 0.0, []
+    cursor, train_s, losses, parts = 0, 0.0, [], {"t2i_loss": [], "i2t_loss": []}
+    k_gain = min(256, len(h_text))
+    gain_text, gain_image = [h_text[i] for i in range(k_gain)], h_image[:k_gain]
+
+    def condition_gain() -> dict:
+        """Held-out loss the condition saves, in nats per picture / caption: t2i with the null prompt
+        minus with the true one (x image tokens); i2t with another picture minus with its own (x caption tokens)."""
+        with torch.no_grad():
+            true = assemble(gain_text, gain_image, model.layout, k_gain, None, cjk).to(dev)
+            null = assemble(gain_text, gain_image, model.layout, k_gain, [True] * k_gain, cjk).to(dev)
+            t_true, t_null = (float(model.loss(x, k_gain)[0]) for x in (true, null))
+            own = assemble(gain_text, gain_image, model.layout, 0, None, cjk).to(dev)
+            other = assemble(gain_text, np.roll(gain_image, 1, axis=0), model.layout, 0, None, cjk).to(dev)
+            c_own, c_other = (float(model.loss(x, 0)[0]) for x in (own, other))
+        words = float(np.mean([len(t) + 2 for t in gain_text]))  # language token + text + <eos>
+        return {"t2i_gain_nats": round((t_null - t_true) * model.layout.n_image, 2),
+                "i2t_gain_nats": round((c_other - c_own) * words, 2)}
     t_start = time.perf_counter()
     n_t2i = int(round(args.t2i_ratio * args.batch_size))
     for step in range(1, args.steps + 1):
@@ -120,17 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         null = rng.random(n_t2i) < args.cond_dropout
         model.train()
         tokens = assemble([text[i] for i in idx], image[idx], model.layout, n_t2i, null, cjk).to(dev)
-        loss, _ = model.loss(tokens, n_t2i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss, logs = model.loss(tokens, n_t2i)
+        env.optimizer_step("model", loss)
+        env.step_schedulers()
         losses.append(float(loss.detach()))
+        for key in parts:
+            if key in logs:  # a ratio of 0 or 1 trains one direction only
+                parts[key].append(float(logs[key]))
         train_s += time.perf_counter() - t0
         if step % args.eval_every and step != args.steps:
             continue
         model.eval()
+        gain = condition_gain()
         pipe = Pipeline(model, vq, tok)
         val = {}
         for s in settings:
@@ -146,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         model.clear_cache()
         slot = float(np.mean([slot_accuracy(parse(p)[0], parse(t)[0]) for p, t in zip(caps, h_caps[:k])]))
         print(json.dumps({"step": step, "wall_s": round(time.perf_counter() - t_start, 1), "train_s": round(train_s, 1),
-                          "loss": round(float(np.mean(losses[-args.eval_every:])), 4), "val": val,
+                          "loss": round(float(np.mean(losses[-args.eval_every:])), 4),
+                          **{key: round(float(np.mean(v[-args.eval_every:])), 4) for key, v in parts.items() if v},
+                          **gain, "val": val,
                           "caption_slot_accuracy": round(slot, 3)}), flush=True)
     return 0
 

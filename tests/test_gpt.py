@@ -10,6 +10,7 @@ from visgen.models.gpt import (
     BOS, EN, EOI, EOS, I2T, NULL, PAD, SOI, T2I, TASK_I2T, TASK_T2I, ZH, VisGPT, gpt_config, load_gpt, sample, save_gpt,
     uniform_noise,
 )
+from visgen.models.vq import LOOK_DIM
 
 TEXT_VOCAB, CODES = 300, 64
 
@@ -448,3 +449,36 @@ def test_inductor_compiled_step_matches_eager():
     want = m.generate_images(text, seeds, **kw)
     m.compile_decode(mode=None)  # CPU: no CUDA graphs
     assert torch.equal(m.generate_images(text, seeds, **kw), want)
+
+
+def test_code_looks_tie_codes_that_look_alike_and_survive_save_load(tmp_path):
+    torch.manual_seed(0)
+    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8,
+                          code_looks=True)).eval()
+    looks = torch.rand(CODES, LOOK_DIM) * 2 - 1
+    looks[7] = looks[3]  # two codes that look the same
+    with pytest.raises(ValueError, match="shape"):
+        m.set_code_looks(looks[:5])
+    m.set_code_looks(looks)
+    with torch.no_grad():  # the same learned rows too: the looks are then all that tells codes apart
+        m.tok_emb.weight[TEXT_VOCAB:TEXT_VOCAB + CODES] = 0
+        m.head.weight[TEXT_VOCAB:TEXT_VOCAB + CODES] = 0
+    lay = m.layout
+    image = torch.randint(0, CODES, (1, 16), generator=torch.Generator().manual_seed(3))
+    seqs = []
+    for code in (3, 7, 9):
+        image[0, 5] = code
+        seqs.append(lay.t2i(_texts(m, 1), image.clone()))
+    seq = torch.cat(seqs)
+    h = m.hidden(seq, torch.full((3,), TASK_T2I))
+    assert torch.equal(h[0], h[1]) and not torch.allclose(h[0], h[2])  # embedding: alike in, alike out
+    logits = m.image_logits(h[0, -1])
+    assert logits[3] == logits[7] and logits[3] != logits[9]  # head: alike codes, alike logits
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm")
+    assert torch.equal(back.code_look, looks)
+    assert torch.equal(back.image_logits(h[0, -1]), logits)
+    plain = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    with pytest.raises(ValueError, match="code_looks=false"):
+        plain.set_code_looks(looks)
+    assert "code_looks" not in plain.state_dict() and not hasattr(plain, "look_in")

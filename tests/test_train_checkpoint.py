@@ -17,6 +17,7 @@ from visgen.train.checkpoint import (
 )
 from visgen.train.config import TrainConfig
 from visgen.train.loop import LRSchedule, WorkerEnv, decay_groups
+from visgen.train.task import muon_groups
 
 
 def assert_same(a, b, path="root"):
@@ -178,3 +179,52 @@ def test_lr_schedule_warmup_cosine_and_resume_with_longer_run():
     longer.optimizers["model"].load_state_dict(env.optimizers["model"].state_dict())
     longer.reapply_schedule()
     assert longer.lr() == pytest.approx(1e-2 * LRSchedule(2, 40, "cosine", 0.1)(3))
+
+
+def test_muon_trains_the_marked_matrices_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)),
+                              torch.nn.Linear(8, 10))
+    hidden = net[1]
+    cfg = TrainConfig(steps=10, warmup_steps=2, lr=1e-2, weight_decay=0.1, optimizer="muon", muon_lr=0.02)
+
+    def build(model):
+        env = WorkerEnv(cfg, torch.device("cpu"))
+        env.build_optimizers({"model": muon_groups(model, model[1], 0.1)})
+        return env
+
+    env = build(net)
+    assert sorted(env.optimizers) == ["model", "model.muon"]
+    assert isinstance(env.optimizers["model.muon"], torch.optim.Muon)
+    muon = {id(p) for g in env.optimizers["model.muon"].param_groups for p in g["params"]}
+    adamw = {id(p) for g in env.optimizers["model"].param_groups for p in g["params"]}
+    assert muon == {id(hidden[0].weight)} and not muon & adamw  # the hidden matrix only; embeddings/head on AdamW
+    assert muon | adamw == {id(p) for p in net.parameters()}
+
+    def steps(model, env, n):
+        out = []
+        for i in range(n):
+            x = torch.arange(5) + i
+            before = [p.detach().clone() for p in model.parameters()]
+            env.optimizer_step("model", model(x).logsumexp(-1).mean())
+            env.step_schedulers()
+            out.append(all(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
+        return out
+
+    assert all(steps(net, env, 3))  # one optimizer_step moves every parameter, Muon's and AdamW's
+    save_checkpoint(tmp_path / "ck", progress=Progress(step=3, epoch=0, samples_seen=15), modules={"model": net},
+                    optimizers=env.optimizers, schedulers=env.schedulers)
+    steps(net, env, 2)
+    torch.manual_seed(1)
+    net2 = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)),
+                               torch.nn.Linear(8, 10))
+    env2 = build(net2)
+    load_checkpoint(tmp_path / "ck", modules={"model": net2}, optimizers=env2.optimizers, schedulers=env2.schedulers)
+    env2.reapply_schedule()
+    steps(net2, env2, 2)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    plain = WorkerEnv(TrainConfig(steps=10, lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    plain.build_optimizers({"model": muon_groups(net, net[1], 0.1)})  # adamw: the marked group is AdamW's too
+    assert list(plain.optimizers) == ["model"] and isinstance(plain.optimizers["model"], torch.optim.AdamW)
+    assert all("muon" not in g for g in plain.optimizers["model"].param_groups)

@@ -414,3 +414,16 @@ def test_tiny_overfit_lowers_loss_and_keeps_codebook_in_use():
     assert model.codebook_usage() >= 0.95
     assert model.codebook_perplexity() > 0.5 * cfg.codebook_size
     assert int(model.quantizer.stat_restarts) > 0  # the restart path ran
+
+
+def test_code_looks_are_the_patch_each_code_paints():
+    torch.manual_seed(0)
+    model = VQModel(vq_config("tiny")).eval()
+    looks = model.code_looks(chunk=5)  # chunks that do not divide the codebook
+    f, side = model.cfg.downsample, 4
+    assert looks.shape == (model.num_codes, 3 * side * side) and looks.dtype == torch.float32
+    for code in (0, model.num_codes - 1):
+        picture = model.decode(torch.full((1, 3, 3), code))[:, :, f:2 * f, f:2 * f]
+        want = F.adaptive_avg_pool2d(picture, side).flatten()
+        torch.testing.assert_close(looks[code], want)
+    assert looks.abs().max() <= 1.0 and looks.std(0).mean() > 0  # in pixel range, and codes differ

@@ -58,6 +58,7 @@ from visgen.models.sampling import (  # noqa: F401 - sample, uniform_noise: re-e
 )
 from visgen.models.io import fingerprint, load_model, save_model
 from visgen.models.tokens import LANGUAGE_TOKENS, SPECIAL_TOKENS
+from visgen.models.vq import LOOK_DIM
 
 SPECIAL = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 BOS, EOS, PAD = SPECIAL["<bos>"], SPECIAL["<eos>"], SPECIAL["<pad>"]
@@ -80,6 +81,10 @@ class GPTConfig(Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings, attention probabilities and residual branches (training only).")
     qk_norm: bool = Field(True, description="RMS-normalise queries and keys per head (Chameleon): keeps attention logits bounded.")
     init_std: float = Field(0.02, gt=0, le=1.0, description="Std of the normal initialisation (residual projections scaled by 1/sqrt(2*n_layer)).")
+    code_looks: bool = Field(False, description=(
+        "Add to each image code's input embedding and output-head row a learned projection of what the code "
+        "looks like (its decoded patch as 4x4 RGB, from the image tokenizer): codes that look alike start "
+        "alike, so the many rarely seen codes learn from the common ones."))
     # --- vocabulary and layout (derived from the other components in a pipeline spec) -----
     text_vocab: int = Field(16384, ge=len(SPECIAL_TOKENS) + 1, le=1 << 20,
                             description="Text ids [0, text_vocab) incl. the specials; = text_tokenizer.vocab_size.")
@@ -392,6 +397,10 @@ class VisGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.code_looks:  # filled by set_code_looks() from the image tokenizer, saved with the weights
+            self.register_buffer("code_look", torch.zeros(cfg.codebook_size, LOOK_DIM))
+            self.look_in = nn.Linear(LOOK_DIM, d, bias=False)
+            self.look_out = nn.Linear(LOOK_DIM, d, bias=False)
 
         # Per task and sequence slot: which image cell sits there (N = "not an image token").
         n, lay = self.layout.n_image, self.layout
@@ -423,6 +432,16 @@ class VisGPT(nn.Module):
                 continue  # norm gains stay at 1
             scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("proj.weight", "down.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def set_code_looks(self, looks: torch.Tensor) -> None:
+        """Store what each image code looks like, ``VQModel.code_looks()`` (K, LOOK_DIM), before training."""
+        if not self.cfg.code_looks:
+            raise ValueError("this transformer was built with code_looks=false: it has no place for code looks")
+        want = (self.cfg.codebook_size, LOOK_DIM)
+        if tuple(looks.shape) != want or not looks.is_floating_point() or not bool(torch.isfinite(looks).all()):
+            raise ValueError(f"code looks must be finite floats of shape {want} (VQModel.code_looks()), got "
+                             f"{looks.dtype} {tuple(looks.shape)}")
+        self.code_look.copy_(looks)
 
     # -- sizes ----------------------------------------------------------------------------------
     def num_params(self, embeddings: bool = True) -> int:
@@ -457,7 +476,13 @@ class VisGPT(nn.Module):
         cell = self.row_emb(cells // w) + self.col_emb(cells % w)  # (N, d)
         cell = torch.cat([cell, cell.new_zeros(1, cell.shape[1])])  # row N: not an image slot
         slot = self.image_slot[task][:, positions]  # (B, s)
-        return self.drop(self.tok_emb(tokens) + self.pos_emb(positions) + cell[slot])
+        x = self.tok_emb(tokens)
+        if self.cfg.code_looks:  # image ids take the projected look of their code
+            tv, k = self.cfg.text_vocab, self.cfg.codebook_size
+            code = (tokens - tv).clamp(0, k - 1)
+            is_image = ((tokens >= tv) & (tokens < tv + k))[..., None]
+            x = x + F.embedding(code, self.look_in(self.code_look.to(x.dtype))) * is_image
+        return self.drop(x + self.pos_emb(positions) + cell[slot])
 
     def hidden(self, tokens: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Full causal pass over whole sequences (B, L) → final-norm hidden states (B, L, d)."""
@@ -470,7 +495,10 @@ class VisGPT(nn.Module):
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) → (..., codebook_size): the head restricted to image codes."""
         off = self.cfg.text_vocab
-        return F.linear(h, self.head.weight[off: off + self.cfg.codebook_size])
+        rows = self.head.weight[off: off + self.cfg.codebook_size]
+        if self.cfg.code_looks:  # each code's row plus the projection of its look
+            rows = rows + self.look_out(self.code_look.to(rows.dtype))
+        return F.linear(h, rows)
 
     def text_logits(self, h: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """(..., d) → (..., text_vocab): the head restricted to text ids, specials but <eos> at -inf
@@ -728,7 +756,7 @@ class VisGPT(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 of the config and every weight."""
-        return fingerprint(self.cfg, self.state_dict())
+        return fingerprint(self.cfg, self.state_dict(), late_fields=("code_looks",))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -435,6 +435,10 @@ def _entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
 # The tokenizer
 # ----------------------------------------------------------------------------------------
 
+LOOK_SIDE = 4  # code_looks(): each code's decoded patch pooled to 4x4 RGB
+LOOK_DIM = 3 * LOOK_SIDE * LOOK_SIDE
+
+
 class VQModel(nn.Module):
     """Image <-> token grid. ``forward`` for training, ``encode`` / ``decode`` for inference."""
 
@@ -495,6 +499,24 @@ class VQModel(nn.Module):
             raise ValueError(f"ids must lie in [0, {self.num_codes}); got values in [{lo}, {hi}]")
         zq = self.quantizer.lookup(ids.long()).to(self.post_quant_conv.weight.dtype)  # (B, D, h, w)
         return self.decoder(self.post_quant_conv(zq)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def code_looks(self, chunk: int = 256) -> torch.Tensor:
+        """What each code looks like: (K, LOOK_DIM) float, the pixels the decoder paints for it.
+
+        Each code fills a 3x3 grid on its own; the centre cell's decoded patch, average-pooled to
+        4x4 RGB in [-1, 1], is its look (3 * 4 * 4 = 48 numbers whatever the downsampling). The
+        transformer can start from these (``lm.model.code_looks``): codes that look alike then
+        start alike, in its input embedding and in its output head.
+        """
+        f, K = self.cfg.downsample, self.num_codes
+        out = []
+        for lo in range(0, K, chunk):
+            ids = torch.arange(lo, min(lo + chunk, K), device=self.post_quant_conv.weight.device)
+            grid = ids[:, None, None].expand(-1, 3, 3)  # (k, 3, 3)
+            centre = self.decode(grid)[:, :, f: 2 * f, f: 2 * f]  # (k, 3, f, f)
+            out.append(F.adaptive_avg_pool2d(centre.float(), LOOK_SIDE).flatten(1))
+        return torch.cat(out).cpu()
 
     def codebook_usage(self) -> float:
         """Fraction of codes hit at least once over the training usage window."""

@@ -45,6 +45,12 @@ class TrainConfig(Section):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.95), description="AdamW (beta1, beta2).")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW decoupled weight decay, on tensors of >= 2 dims only (not biases, norm gains).")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description=(
+        "muon: the hidden weight matrices a trainer marks (the transformer blocks' linear layers) train with "
+        "torch.optim.Muon at muon_lr, orthogonalised momentum updates that learn more per sample; embeddings, "
+        "heads and gains stay on AdamW at lr. Trainers that mark nothing (the image tokenizer) use AdamW throughout."))
+    muon_lr: float = Field(0.02, gt=0, le=1.0, description=(
+        "Peak learning rate of Muon (optimizer: muon), on the same warmup and schedule; Muon's groups take no weight decay."))
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr over this many steps.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warmup: cosine decay to min_lr_ratio*lr, or constant.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Floor of the cosine schedule as a fraction of lr.")

@@ -37,7 +37,8 @@ from visgen.models.gpt import EN, LM_FORMAT, PAD, ZH, GPTConfig, Layout, VisGPT,
 from visgen.pipeline import SamplingConfig
 from visgen.train.checkpoint import child
 from visgen.train.config import ScalingConfig, TrainConfig
-from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit
+from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, fit
+from visgen.train.task import muon_groups
 
 log = logging.getLogger("visgen.train")
 
@@ -152,12 +153,17 @@ class LMTask(TrainTask):
                 raise ValueError(f"cannot start from {self.init_from}: its config differs from lm.model "
                                  f"({start.cfg.model_dump()} vs {self.cfg.model_dump()})")
             self.model.load_state_dict(start.state_dict())
+        elif self.cfg.code_looks:
+            vq = self._parts(env)[0]
+            if vq is None:
+                raise ValueError("lm.model.code_looks needs the image tokenizer (image_tokenizer_dir) to read the code looks from")
+            self.model.set_code_looks(vq.code_looks())
         self.ddp_model = env.prepare(self.model)
         self.forward = self.ddp_model
         if env.device.type == "cuda" and self.recipe.compile:
             self.forward = torch.compile(self.ddp_model)
         return Trainable(modules={"model": self.model},
-                         param_groups={"model": decay_groups(self.model, env.train.weight_decay)})
+                         param_groups={"model": muon_groups(self.model, self.model.blocks, env.train.weight_decay)})
 
     def collate(self, batch: dict[str, np.ndarray], env: WorkerEnv, step: int) -> dict[str, Any]:
         """The step's token sequences, built on the host in the loop's feed thread, ahead of the step."""

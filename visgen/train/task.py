@@ -36,7 +36,7 @@ class Trainable:
     """
 
     modules: dict[str, torch.nn.Module]
-    param_groups: dict[str, list[dict[str, Any]]]
+    param_groups: dict[str, list[dict[str, Any]]]  # a group with "muon": True is Muon's under optimizer: muon
 
 
 @dataclass
@@ -101,6 +101,16 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, **extra: Any) -> 
     groups = [{"params": decay, "weight_decay": weight_decay, **extra},
               {"params": other, "weight_decay": 0.0, **extra}]
     return [g for g in groups if g["params"]]
+
+
+def muon_groups(module: torch.nn.Module, hidden: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """:func:`decay_groups` of ``module`` with the weight matrices of ``hidden`` (a part of it: the
+    transformer blocks) in a group of their own marked ``"muon": True``. Under ``optimizer: muon`` that
+    group trains with Muon; otherwise it is an AdamW group like the others, with the same decay."""
+    matrices = [p for p in hidden.parameters() if p.requires_grad and p.ndim == 2]
+    taken = {id(p) for p in matrices}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in decay_groups(module, weight_decay)]
+    return [{"params": matrices, "weight_decay": weight_decay, "muon": True}] + [g for g in rest if g["params"]]
 
 
 class LRSchedule:
@@ -168,11 +178,24 @@ class WorkerEnv:
         self._schedule = LRSchedule(tc.warmup_steps, tc.steps, tc.schedule, tc.min_lr_ratio)
         self._peak_lrs: dict[str, list[float]] = {}
         for name, g in groups.items():
-            opt = torch.optim.AdamW(g, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                                    fused=self.device.type == "cuda")
-            self.optimizers[name] = opt
-            self._peak_lrs[name] = [group["lr"] for group in opt.param_groups]
-            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule)
+            muon = [group for group in g if group.get("muon")] if tc.optimizer == "muon" else []
+            adamw = [{k: v for k, v in group.items() if k != "muon"} for group in g if not any(group is m for m in muon)]
+            built = {}
+            if adamw:
+                built[name] = torch.optim.AdamW(adamw, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                                fused=self.device.type == "cuda")
+            if muon:  # "<name>.muon": stepped with "<name>" by optimizer_step
+                built[f"{name}.muon"] = torch.optim.Muon(
+                    [{"params": group["params"]} for group in muon], lr=tc.muon_lr, weight_decay=0.0,
+                    adjust_lr_fn="original")
+            for key, opt in built.items():
+                self.optimizers[key] = opt
+                self._peak_lrs[key] = [group["lr"] for group in opt.param_groups]
+                self.schedulers[key] = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule)
+
+    def _family(self, name: str) -> list[torch.optim.Optimizer]:
+        """The optimisers that train the parameters of ``name``: AdamW's and, under Muon, ``<name>.muon``."""
+        return [o for key, o in self.optimizers.items() if key == name or key == f"{name}.muon"]
 
     def reapply_schedule(self) -> None:
         """After loading a checkpoint: the LR schedule (peak lr, warmup, steps, shape) is the one
@@ -198,13 +221,17 @@ class WorkerEnv:
         Zeroing first (not after) drops gradients another loss left on these parameters, e.g.
         the generator loss backpropagating through a GAN discriminator.
         """
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
+        opts = self._family(name)
+        if not opts:
+            raise KeyError(f"no optimiser named {name!r}; this worker has {sorted(self.optimizers)}")
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for opt in opts for g in opt.param_groups for p in g["params"] if p.grad is not None]
         clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
-        opt.step()
+        for opt in opts:
+            opt.step()
         return norm.detach()
 
     def step_schedulers(self) -> None:
