@@ -33,6 +33,16 @@ def test_coordinate_search_keeps_the_start_on_ties():
     assert best == {"a": 5} and value == 0.5 and len(trials) == 4
 
 
+def test_coordinate_search_moves_only_for_a_gain_above_the_margin():
+    scores = {1: 0.135, 2: 0.146, 3: 0.20}  # 2 is within the margin of the start, 3 beyond it
+    best, value, trials = coordinate_search({"a": 1}, {"a": [2, 3]}, lambda s: scores[s["a"]], min_gain=0.03)
+    assert best == {"a": 3} and value == 0.20
+    best, value, _ = coordinate_search({"a": 1}, {"a": [2]}, lambda s: scores[s["a"]], min_gain=0.03)
+    assert best == {"a": 1} and value == 0.135
+    best, _, _ = coordinate_search({"a": 1}, {"a": [2]}, lambda s: scores[s["a"]])  # no margin: strictly higher
+    assert best == {"a": 2}
+
+
 def test_config_refuses_the_benchmark_seed_and_bad_values():
     with pytest.raises(SpecError, match="benchmark prompt set's own seed"):
         validate_section(SamplingSearchConfig, {"prompt_seed": PROMPT_SET_SEED})

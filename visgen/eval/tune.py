@@ -15,8 +15,9 @@ not tuned on itself:
 
 The search is coordinate-wise: starting from the spec's ``sampling`` section it tries every
 listed value of ``cfg_scale`` with the others fixed, keeps the best, then ``temperature``, then
-``top_k``. A value replaces the current one only if it scores strictly higher (the mean of the
-six task accuracies), so ties keep the spec's setting. Each trial is recorded, so the table of
+``top_k``. A value replaces the current one only if it scores higher (the mean of the six task
+accuracies) by more than ``min_gain``, so ties, and with a margin differences within the noise
+of the validation set, keep the spec's setting. Each trial is recorded, so the table of
 what was tried is the curve a user reads (in the bundle manifest, ``eval/lm.json`` and MLflow).
 """
 
@@ -47,6 +48,10 @@ class SamplingSearchConfig(Section):
                                            description="Image sampling temperatures to try (each > 0).")
     top_k: tuple[int, ...] = Field((0, 8, 32), min_length=1, description="top-k values to try (0 = all codes).")
     prompts_per_task: int = Field(8, ge=1, le=1000, description="Validation prompts per task and language.")
+    min_gain: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "A setting replaces the current one only when its validation overall is higher by more than this; "
+        "0 = strictly higher. About one standard error of the score (0.03 at 96 prompts) keeps noise from "
+        "moving the defaults."))
     languages: tuple[Literal["en", "zh"], ...] = Field(("en", "zh"), min_length=1, description="Validation prompt languages.")
     prompt_seed: int = Field(7, ge=0, le=2**31 - 1,
                              description="Seed of the validation prompt set; must differ from the benchmark's prompt-set seed.")
@@ -97,12 +102,13 @@ def validation_prompts(cfg: SamplingSearchConfig) -> list[dict]:
 
 
 def coordinate_search(start: dict[str, Any], grid: dict[str, Sequence[Any]],
-                      score: Callable[[dict[str, Any]], float]) -> tuple[dict[str, Any], float, list[dict]]:
+                      score: Callable[[dict[str, Any]], float],
+                      min_gain: float = 0.0) -> tuple[dict[str, Any], float, list[dict]]:
     """Maximise ``score`` one axis at a time, in ``grid``'s order, from ``start``.
 
     Each value of an axis is tried with the other axes at their current best; a value replaces
-    the current one only when it scores strictly higher, so ties keep the earlier setting (the
-    start first). A setting is scored once however often it comes up. Returns the best setting,
+    the current one only when it scores higher by more than ``min_gain`` (0: strictly higher),
+    so ties keep the earlier setting (the start first). A setting is scored once however often it comes up. Returns the best setting,
     its score and every scored setting in order, each as ``{**setting, "score": s}``.
     """
     seen: dict[tuple, float] = {}
@@ -121,7 +127,7 @@ def coordinate_search(start: dict[str, Any], grid: dict[str, Sequence[Any]],
         for value in values:
             trial = {**current, axis: value}
             got = once(trial)
-            if got > best:
+            if got > best + min_gain:
                 best, current = got, trial
     return current, best, trials
 
@@ -151,7 +157,7 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
         log.info("sampling search: %s -> validation overall %.3f", setting, res["overall"])
         return res["overall"]
 
-    chosen, best, scored = coordinate_search(start, grid, score)
+    chosen, best, scored = coordinate_search(start, grid, score, cfg.min_gain)
     trials = [{**{a: t[a] for a in AXES}, "overall": round(t["score"], 4),
                "tasks": tasks[tuple(sorted((a, t[a]) for a in AXES))]} for t in scored]
     return {"chosen": chosen, "start": start, "validation_overall": round(best, 4), "trials": trials,
