@@ -128,7 +128,7 @@ def test_language_ok_and_per_language_numbers():
         grammar.language_ok("x", "fr")
 
 
-def test_bundle_eval_asks_each_image_in_its_reference_language(tmp_path, monkeypatch):
+def test_bundle_eval_asks_each_image_in_its_reference_language(tmp_path, monkeypatch, fresh_mlflow_db):
     """The held-out benchmark as evaluate_bundle runs it (shards and GenEval stubbed): one caption per
     image in the language of its reference caption; per-language numbers reach eval/lm.json, the
     bundle manifest, MLflow and the registry tags that /v1/model reports."""
@@ -167,7 +167,7 @@ def test_bundle_eval_asks_each_image_in_its_reference_language(tmp_path, monkeyp
 
     monkeypatch.setattr(Pipeline, "caption", spy)
     bundle = make_bundle(tmp_path / "m")
-    tracking = TrackingConfig(experiment="eval-test", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    tracking = TrackingConfig(experiment="eval-test", tracking_uri=f"sqlite:///{fresh_mlflow_db(tmp_path)}")
     full = bundle_eval.evaluate_bundle(bundle, ingest=None, geneval=None, captions=CaptionEvalConfig(samples=len(rows)),
                                        workdir=tmp_path, tracking=tracking, device="cpu")
     assert asked == [grammar.detect_language(s.caption) for s in scenes]

@@ -102,6 +102,17 @@ def _section_fields(section: str) -> set[str]:
 WITH_SECTIONS = [c for c in COMMANDS if COMMANDS[c][1]]
 
 
+def test_section_classes_are_the_specs():
+    """The CLI finds a section's class by module (without importing the whole spec): the same class
+    the spec's tree has at that path, for every section a command takes flags from."""
+    from visgen.cli import SECTION_CLASSES, section_class
+    from visgen.config import SECTIONS
+
+    used = {sec for _, sections, _ in COMMANDS.values() for sec in sections}
+    assert used <= set(SECTION_CLASSES)
+    assert {sec: section_class(sec) for sec in SECTION_CLASSES} == {sec: SECTIONS[sec] for sec in SECTION_CLASSES}
+
+
 @pytest.mark.parametrize("command", WITH_SECTIONS, ids=[" ".join(c) for c in WITH_SECTIONS])
 def test_every_flag_reaches_its_field(command):
     reached, problems = _flag_check(command)

@@ -194,12 +194,20 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
         assert f"Job '{submission}' succeeded" in text and "=== [10/10] serve the champion" in text
         first = json.loads((work / "summary.json").read_text())
         phase(f"pipeline job done: {({k: v for k, v in first.items() if k.endswith('_s')})}")
-        # the job's record on the cluster, and the same submission id cannot run twice
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", head["address"], submission],
-                                env=head["env"], capture_output=True, text=True, timeout=120)
-        assert "succeeded" in (status.stdout + status.stderr).lower()
-        again = subprocess.run(submit, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
-        assert again.returncode != 0 and "already exists" in (again.stdout + again.stderr)
+        # The recipe report reads this run's files, which nothing changes before the re-run: it runs
+        # beside the checks below (its output is checked with the artifacts).
+        report_proc = subprocess.Popen([py, "bench/recipe_report.py", "--workdir", str(work)], cwd=ROOT,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # the job's record on the cluster, and the same submission id cannot run twice (two
+        # independent CLI calls, run side by side)
+        status_proc = subprocess.Popen([str(BIN / "ray"), "job", "status", "--address", head["address"], submission],
+                                       env=head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        again_proc = subprocess.Popen(submit, cwd=ROOT, env=head["env"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        status_out, status_err = status_proc.communicate(timeout=120)
+        again_out, again_err = again_proc.communicate(timeout=300)
+        assert "succeeded" in (status_out + status_err).lower()
+        assert again_proc.returncode != 0 and "already exists" in (again_out + again_err)
         phase("job record checked")
         serve_deploy_and_ask(head, work, tmp_path)
         phase("serve deploy answered")
@@ -258,13 +266,12 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
     assert 0 <= lm_eval["geneval_overall"] <= 1 and 0 <= lm_eval["caption_slot_accuracy"] <= 1
     assert "final/geneval_overall" in client.get_run(runs["lm"].info.run_id).data.metrics
     # the recipe report reads this run: one row per target, and the same as one JSON line
-    rep = subprocess.run([py, "bench/recipe_report.py", "--workdir", str(work)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert rep.returncode == 0, rep.stderr
-    report = json.loads(rep.stdout.strip().splitlines()[-1])
+    rep_out, rep_err = report_proc.communicate(timeout=120)
+    assert report_proc.returncode == 0, rep_err
+    report = json.loads(rep_out.strip().splitlines()[-1])
     names = {r["name"] for r in report["rows"]}
     assert {"GenEval-shapes overall", "overall [en]", "single_object [zh]", "caption slot accuracy [en]"} <= names
-    assert "targets hold" in rep.stdout
+    assert "targets hold" in rep_out
     grids = {a.path for a in client.list_artifacts(runs["lm"].info.run_id, "eval/geneval_grids")}
     assert grids == {f"eval/geneval_grids/{t}.png" for t in lm_eval["geneval"]["tasks"]}
     # the sampling defaults were searched on validation prompts first, and the benchmark used the choice

@@ -200,7 +200,7 @@ def _two_prompts():
     return counting, colors
 
 
-def test_score_generations_and_folder_round_trip(tmp_path):
+def test_score_generations_and_folder_round_trip(tmp_path, fresh_mlflow_db):
     counting, colors = _two_prompts()
     shape, colour = colors["include"][0]["shape"], colors["include"][0]["color"]
     c_shape = counting["include"][0]["shape"]
@@ -215,6 +215,7 @@ def test_score_generations_and_folder_round_trip(tmp_path):
 
     from visgen.tracking import Tracker, TrackingConfig
 
+    fresh_mlflow_db(tmp_path / "mlflow")
     tracker = Tracker.start(TrackingConfig(experiment="geneval-test"), tmp_path / "mlflow", "geneval")
     result = score_generations(records, images, FixedJudge(answers), tracker=tracker, step=7)
     tracker.end()

@@ -214,10 +214,10 @@ def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, mo
     assert exit_info.value.code == 2 and "invalid choice: 'fr'" in capsys.readouterr().err
 
 
-def test_load_from_an_mlflow_artifact_uri(bundle, tmp_path):
+def test_load_from_an_mlflow_artifact_uri(bundle, tmp_path, fresh_mlflow_db):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"  # named per call: no process-global MLflow state is touched
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path)}"  # named per call: no process-global MLflow state is touched
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bundles", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(exp)

@@ -31,9 +31,10 @@ def bundles(tmp_path_factory):
 
 
 @pytest.fixture()
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, fresh_mlflow_db):
     """A fresh sqlite store under a workdir (and no $MLFLOW_TRACKING_URI leaking in)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    fresh_mlflow_db(tmp_path / "work")
     return TrackingConfig(experiment="registry-test"), tmp_path / "work"
 
 

@@ -30,9 +30,10 @@ def _spec(work, source=None, **over):
 
 
 @pytest.fixture(scope="module")
-def champion(ray_session, tmp_path_factory):
+def champion(ray_session, tmp_path_factory, fresh_mlflow_db):
     """A registered champion trained on the tiny spec's 3 shards (untrained weights: the gate is what is tested)."""
     work = tmp_path_factory.mktemp("retrain") / "w"
+    fresh_mlflow_db(work)
     spec = _spec(work)
     stages.synth(spec)
     stages.text_tokenizer(spec)

@@ -33,10 +33,11 @@ PREP_A = ImagePrep(resolution=16, resize_mode="pad", pad_color=(10, 20, 30))
 
 
 @pytest.fixture(scope="module")
-def env(ray_session, tmp_path_factory):
+def env(ray_session, tmp_path_factory, fresh_mlflow_db):
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
+    fresh_mlflow_db(root)
     # version 1 records letterboxing (not ingest's default crop): uploads must be made square its way
     bundles = (make_bundle(root / "a", seed=0, eval_results=EVAL, image_prep=PREP_A),
                make_bundle(root / "b", seed=1))

@@ -296,17 +296,25 @@ def test_other_tokenizer_is_refused_and_a_crashed_rebuild_keeps_the_old_cache(ra
     with pytest.raises(TokenCacheError, match=fp_b[:12]):
         read_token_rows(cache, "train", 1, expect_fingerprint=fp_b)
 
-    # A build that dies after writing part of its output leaves the old cache complete, and no staging dir.
+    # A build that dies while its rows stream through the encoder and the writer (the held-out
+    # split's read fails mid-build) leaves the old cache complete, and no staging dir.
     before = file_state(cache)
     real = token_cache.build_dataset
 
-    def dies_on_holdout(cfg, tok, q, split):
-        if split == "holdout":
+    def dies_on_holdout(cfg, tok, q, split, **kw):
+        ds = real(cfg, tok, q, split, **kw)
+        if split != "holdout":
+            return ds
+
+        def node_lost(batch):
             raise RuntimeError("node lost")
-        return real(cfg, tok, q, split)
+
+        return ds.map_batches(node_lost, batch_format="pyarrow")
 
     monkeypatch.setattr(token_cache, "build_dataset", dies_on_holdout)
-    with pytest.raises(RuntimeError, match="node lost"):
+    from ray.exceptions import UserCodeException
+
+    with pytest.raises(UserCodeException, match="node lost"):  # Ray Data's wrapping of the task's error
         build_token_cache(world["ingest"], root / "text_tokenizer.json", root / "vq_b", cache, CACHE_CFG,
                           root / "quarantine")
     assert file_state(cache) == before and cache_manifest(cache)["image_fingerprint"] == fp_a

@@ -47,8 +47,9 @@ def first_last(history, key="l2"):  # the MSE term: what PSNR measures
 
 
 @pytest.mark.slow
-def test_local_mode_lowers_loss_exports_tracks_and_resumes(data, tmp_path):
+def test_local_mode_lowers_loss_exports_tracks_and_resumes(data, tmp_path, fresh_mlflow_db):
     ds, holdout = data
+    fresh_mlflow_db(tmp_path)
     tracking = TrackingConfig(experiment="test-train")
     res = train_image_tokenizer(vq_config("tiny"), train_cfg(eval_every=20), ScalingConfig(num_workers=0), ds,
                                 holdout=holdout, workdir=tmp_path, tracking=tracking)

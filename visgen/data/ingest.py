@@ -144,6 +144,7 @@ NOTICE_REASONS = frozenset({"member_dropped"})
 SHARD_REASONS = frozenset({"shard_unreadable", "shard_truncated", "shard_corrupt"})
 
 QUARANTINE_COLUMNS = ("key", "shard", "reason", "detail")
+SPLIT_COLUMN = "split"  # what build_dataset(tag_split=True) adds: the split each row was read for
 
 
 class Rejected(Exception):
@@ -416,12 +417,18 @@ def decoded_to_table(d: Decoded, resolution: int) -> pa.Table:
         names=["key", "shard", "image", "caption", "text_ids", "json"])
 
 
-def _ingest_batch(batch: pa.Table, cfg: IngestConfig, tokenizer_path: str | None, quarantine_dir: str) -> pa.Table:
+def _ingest_batch(batch: pa.Table, cfg: IngestConfig, tokenizer_path: str | None, quarantine_dir: str,
+                  tag: str | None = None) -> pa.Table:
     samples = [RawSample.from_row(row) for row in batch.to_pylist()]
     tok = _tokenizer(tokenizer_path) if tokenizer_path else None
     good, bad = process_samples(samples, cfg, tok)
     write_quarantine(bad, quarantine_dir)
-    return decoded_to_table(good, cfg.resolution)
+    table = decoded_to_table(good, cfg.resolution)
+    if tag is not None:
+        import pyarrow as pa
+
+        table = table.append_column(SPLIT_COLUMN, pa.array([tag] * table.num_rows, pa.string()))
+    return table
 
 
 def _caption_batch(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
@@ -457,8 +464,9 @@ def _local_or_url(path: str) -> str:
 
 
 def build_dataset(cfg: IngestConfig, tokenizer_path: str | None, quarantine_dir: str,
-                  split: Literal["train", "holdout", "all"] = "all") -> ray.data.Dataset:
-    """The lazy ingest dataset: rows ``key, shard, image (R, R, 3) uint8, caption, text_ids, json``.
+                  split: Literal["train", "holdout", "all"] = "all", tag_split: bool = False) -> ray.data.Dataset:
+    """The lazy ingest dataset: rows ``key, shard, image (R, R, 3) uint8, caption, text_ids, json``
+    (and ``split``, the split's name, with ``tag_split``: for a consumer that streams several splits as one).
 
     Rejected samples are written under ``quarantine_dir`` as they are met (while streaming into
     a trainer too); read them back with :func:`quarantine_table` / :func:`quarantine_summary`.
@@ -474,17 +482,20 @@ def build_dataset(cfg: IngestConfig, tokenizer_path: str | None, quarantine_dir:
     the decoding wider than the shard count allows.
     """
     shards = split_shards(expand_source(cfg.source), cfg.holdout_shards, split)
-    return _build(cfg, shards, tokenizer_path, quarantine_dir)
+    return _build(cfg, shards, tokenizer_path, quarantine_dir, split if tag_split else None)
 
 
-def _build(cfg: IngestConfig, shards: list[str], tokenizer_path: str | None, quarantine_dir: str) -> ray.data.Dataset:
+def _build(cfg: IngestConfig, shards: list[str], tokenizer_path: str | None, quarantine_dir: str,
+           tag: str | None = None) -> ray.data.Dataset:
     if tokenizer_path is not None:
         tokenizer_path = _local_or_url(tokenizer_path)
         _tokenizer(tokenizer_path)  # fail here, with the loader's message, not in every task
     quarantine_dir = _local_or_url(quarantine_dir)
     fs, root = _quarantine_fs(quarantine_dir)
     fs.create_dir(root, recursive=True)
-    kwargs = {"cfg": cfg, "tokenizer_path": tokenizer_path, "quarantine_dir": quarantine_dir}
+    # The split column is added in the ingest's own tasks: a separate stage could not always fuse with the read.
+    kwargs = {"cfg": cfg, "tokenizer_path": tokenizer_path, "quarantine_dir": quarantine_dir,
+              **({"tag": tag} if tag is not None else {})}
     if cfg.decode_in_read:
         return _read_shards(cfg, shards, keep_images=True, transform=functools.partial(_ingest_batch, **kwargs))
     return _read_shards(cfg, shards, keep_images=True).map_batches(

@@ -3,12 +3,14 @@
 The language model never sees pixels. This stage encodes every ingested image once, with the
 frozen image tokenizer, and stores the token ids next to the caption's text ids::
 
-    build_dataset(ingest, split)           CPU read/decode tasks (visgen.data.ingest); bad
-                                           samples go to the quarantine table, not the cache
-      → map_batches(_ImageEncoder,         one VQ model per actor, loaded once; the pool is
-          compute=ActorPoolStrategy,       sized from the cluster, on GPUs when it has any
-          num_gpus=..., batch_size=...)
-      → write_parquet(<tmp>/<split>/)      key, caption, text_ids, image_ids, fingerprint
+    build_dataset(ingest, split,           CPU read/decode tasks (visgen.data.ingest); bad
+      tag_split=True)                      samples go to the quarantine table, not the cache;
+                                           every split's rows tagged with it, in one stream
+      → map_batches(_ImageEncoder,         one VQ model per actor, loaded once for all splits;
+          compute=ActorPoolStrategy,       the pool is sized from the cluster, on GPUs when
+          num_gpus=..., batch_size=...)    it has any
+      → write_parquet(<tmp>/,              <tmp>/<split>/: key, caption, text_ids, image_ids,
+          partition_cols=[split])          fingerprint
     manifest.json written last, then <tmp> renamed over out_dir
 
 Layout of ``out_dir``::
@@ -55,6 +57,7 @@ from visgen import storage
 from visgen.base import Section
 from visgen.data.ingest import (
     NOTICE_REASONS,
+    SPLIT_COLUMN,  # which split a row belongs to during a build: the write's partition column, not in the files
     IngestConfig,
     build_dataset,
     clear_quarantine,
@@ -261,6 +264,9 @@ class _ImageEncoder:
         from visgen.models.vq import to_model_input
 
         schema = _output_schema()
+        split = SPLIT_COLUMN in batch.column_names  # a build's rows say which split they belong to
+        if split:
+            schema = schema.append(pa.field(SPLIT_COLUMN, pa.string()))
         if batch.num_rows == 0:  # a block whose samples were all quarantined
             return schema.empty_table()
         images = batch.column("image").combine_chunks().to_numpy()  # (B, R, R, 3) uint8
@@ -274,7 +280,8 @@ class _ImageEncoder:
         n = batch.num_rows
         return pa.Table.from_arrays(
             [batch.column("key"), batch.column("caption"), batch.column("text_ids").cast(pa.list_(pa.int32())),
-             _image_ids_array(ids), pa.array([self.fingerprint] * n, pa.string())],
+             _image_ids_array(ids), pa.array([self.fingerprint] * n, pa.string()),
+             *([batch.column(SPLIT_COLUMN)] if split else [])],
             schema=schema)
 
 
@@ -553,22 +560,38 @@ def _count_rows(split_dir: Path | str) -> tuple[int, int]:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files), len(files)
 
 
-def _encode_split(ds: ray.data.Dataset, dest: Path | str, image_dir: str, fingerprint: str, pool: EncoderPool,
-                  cfg: TokenCacheConfig) -> tuple[int, int]:
-    """Run the encoder pool over one split's ingest dataset and write it under ``dest``; (rows, files)."""
+def _rows(batch: pa.Table) -> pa.Table:
+    return batch
+
+
+def _encode_splits(datasets: dict[str, ray.data.Dataset], dest: Path | str, image_dir: str, fingerprint: str,
+                   pool: EncoderPool, cfg: TokenCacheConfig) -> dict[str, tuple[int, int]]:
+    """Run one encoder pool over the ingest datasets of every split (built with ``tag_split``: each
+    row names its split) and write split ``s`` under ``<dest>/<s>``; {split: (rows, files)}. The
+    splits go through the pool as one stream, so its actors start (and load the model) once."""
     import ray.data
 
-    tokens = ds.map_batches(
+    parts = list(datasets.values())
+    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    tokens = rows.map_batches(
         _ImageEncoder,
         fn_constructor_kwargs={"image_tokenizer_dir": image_dir, "fingerprint": fingerprint, "use_gpu": pool.use_gpu,
                                "precision": cfg.precision, "threads": max(1, int(pool.cpus))},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
         num_cpus=pool.cpus, num_gpus=pool.gpus)
+    # rows_per_file rows per write (each write makes one file per split it holds); the batching
+    # happens here because the write's own min_rows_per_file is deprecated with partition columns.
+    tokens = tokens.map_batches(_rows, batch_size=cfg.rows_per_file, batch_format="pyarrow", zero_copy_batch=True)
+    split_dirs = {split: storage.join(dest, split) if storage.is_url(dest) else Path(dest) / split
+                  for split in datasets}
     if not storage.is_url(dest):
-        Path(dest).mkdir()
-    tokens.write_parquet(str(dest), min_rows_per_file=cfg.rows_per_file)
-    return _count_rows(dest)
+        for d in split_dirs.values():  # a split whose rows were all rejected still has its (empty) directory
+            d.mkdir()
+    # partitioning_flavor=None: pyarrow's directory partitioning, <dest>/<split>/ (not <dest>/split=<split>/);
+    # the split column itself is not written into the files.
+    tokens.write_parquet(str(dest), partition_cols=[SPLIT_COLUMN], partitioning_flavor=None)
+    return {split: _count_rows(d) for split, d in split_dirs.items()}
 
 
 def build_token_cache(ingest: IngestConfig, text_tokenizer_path: str | Path, image_tokenizer_dir: str | Path,
@@ -639,11 +662,10 @@ def build_token_cache(ingest: IngestConfig, text_tokenizer_path: str | Path, ima
     committed = False
     try:
         t_build = time.perf_counter()
-        rows, files = {}, {}
+        datasets = {split: build_dataset(ingest, text_path, quarantine, split, tag_split=True) for split in splits}
+        written = _encode_splits(datasets, tmp, image_dir, meta["fingerprint"], pool, cfg)
+        rows, files = {s: written[s][0] for s in splits}, {s: written[s][1] for s in splits}
         for split in splits:
-            ds = build_dataset(ingest, text_path, quarantine, split)
-            dest = storage.join(tmp, split) if remote else tmp / split
-            rows[split], files[split] = _encode_split(ds, dest, image_dir, meta["fingerprint"], pool, cfg)
             log.info("token cache: %s: %d rows in %d file(s) from %d shard(s)", split, rows[split], files[split],
                      len(split_shard_lists[split]))
         seconds = time.perf_counter() - t_build

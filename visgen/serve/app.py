@@ -272,6 +272,13 @@ def _serve_request_id() -> str | None:
         return None
 
 
+# How often a stopping replica (app deleted or redeployed, scaled down, replaced) checks whether
+# its requests are done, first after this long: Serve's default, 2 s, makes even an idle replica
+# take 2 s to stop (and `serve.delete` wait 3 s). In-flight requests still get up to
+# graceful_shutdown_timeout_s (Serve's default, 20 s) to finish.
+SHUTDOWN_CHECK_S = 0.5
+
+
 def build_app(cfg: ServeConfig, tracking_uri: str | None = None, *, loader: Loader | None = None,
               probe: Probe | None = None, runtime_env: dict | None = None) -> serve.Application:
     """The Serve application for ``cfg``: ``Ingress`` (FastAPI) → ``VisgenModel``.
@@ -289,14 +296,14 @@ def build_app(cfg: ServeConfig, tracking_uri: str | None = None, *, loader: Load
         scaling = {"num_replicas": cfg.num_replicas}
     model = serve.deployment(VisgenModel, name="VisgenModel").options(
         max_ongoing_requests=cfg.max_ongoing_requests, health_check_period_s=cfg.health_check_period_s,
-        health_check_timeout_s=cfg.health_check_timeout_s,
+        health_check_timeout_s=cfg.health_check_timeout_s, graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S,
         ray_actor_options={"num_cpus": cfg.model_num_cpus, "num_gpus": cfg.model_num_gpus, **actor_env}, **scaling)
     # The routes are built per app (their docs show the configured limits); the class is the module's.
     ingress = serve.deployment(serve.ingress(http_api(cfg))(Ingress), name="Ingress").options(
         num_replicas=cfg.ingress_replicas,
         # The ingress holds requests while the model works on them: allow every model slot plus a margin.
         max_ongoing_requests=max(cfg.max_ongoing_requests * (cfg.max_replicas if cfg.autoscaling else cfg.num_replicas), 100),
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **actor_env})
+        graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S, ray_actor_options={"num_cpus": cfg.ingress_num_cpus, **actor_env})
     cfg_dict = cfg.model_dump(mode="json")
     return ingress.bind(model.bind(cfg_dict, tracking_uri, loader, probe), cfg_dict)
 
