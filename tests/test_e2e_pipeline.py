@@ -152,8 +152,12 @@ def serve_deploy_and_ask(head: dict, work: Path, tmp_path: Path) -> None:
                           headers={"Accept": "image/png"}, timeout=60)
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG") and r.headers["X-Model-Version"] == "1"
     finally:
-        subprocess.run([*serve_cli, "shutdown", "-y", "--address", head["address"]], env=head["env"],
-                       capture_output=True, text=True, timeout=120)
+        # What `serve shutdown -y --address ...` sends (the request alone: no second CLI process);
+        # like the CLI's exit status before, its answer does not decide the test.
+        try:
+            requests.delete(f"{head['address']}/api/serve/applications/", timeout=120)
+        except requests.RequestException:
+            pass
 
 
 @pytest.mark.slow
