@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from visgen.eval.geneval import score_generations
     from visgen.eval.judge import load_judge
     from visgen.eval.tune import SamplingSearchConfig, validation_prompts
-    from visgen.models.gpt import VisGPT, gpt_config
+    from visgen.models.gpt import PAD, VisGPT, gpt_config
     from visgen.models.vq import load_vq
     from visgen.pipeline import Pipeline, caption_codes
     from visgen.text.tokenizer import TextTokenizer
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             own = assemble(gain_text, gain_image, model.layout, 0, None, cjk).to(dev)
             other = assemble(gain_text, np.roll(gain_image, 1, axis=0), model.layout, 0, None, cjk).to(dev)
             c_own, c_other = (float(model.loss(x, 0)[0]) for x in (own, other))
-        words = float(np.mean([len(t) + 2 for t in gain_text]))  # language token + text + <eos>
+        words = float((own[:, model.layout.i2t_text] != PAD).sum(1).float().mean())  # the scored caption slots
         return {"t2i_gain_nats": round((t_null - t_true) * model.layout.n_image, 2),
                 "i2t_gain_nats": round((c_other - c_own) * words, 2)}
     t_start = time.perf_counter()

@@ -178,8 +178,12 @@ class WorkerEnv:
         self._schedule = LRSchedule(tc.warmup_steps, tc.steps, tc.schedule, tc.min_lr_ratio)
         self._peak_lrs: dict[str, list[float]] = {}
         for name, g in groups.items():
-            muon = [group for group in g if group.get("muon")] if tc.optimizer == "muon" else []
-            adamw = [{k: v for k, v in group.items() if k != "muon"} for group in g if not any(group is m for m in muon)]
+            muon, adamw = [], []
+            for group in g:
+                if group.get("muon") and tc.optimizer == "muon":
+                    muon.append(group)
+                else:
+                    adamw.append({k: v for k, v in group.items() if k != "muon"})
             built = {}
             if adamw:
                 built[name] = torch.optim.AdamW(adamw, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
