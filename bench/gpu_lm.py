@@ -87,7 +87,7 @@ TARGETS = {
     "train_mfu": 0.40,  # compiled training MFU by executed FLOPs
     "decode_ratio": 1.0,  # reference ms/step / ours, compiled, at 16 and 128 rows
     "images_per_s": 200.0,  # text -> image end to end at 64 prompts (256 tokens, CFG, sampling, VQ decode)
-    "serve_ratio": 0.8,  # Serve on the GPU / in-process Pipeline.generate, concurrency 64
+    "serve_ratio": 0.8,  # Serve on the GPU / in-process Model.generate, concurrency 64
     "ingest_over_webdataset": 1.0,  # bench/ingest.py (a)/(b) on 16 cores
     "ingest_over_tight_loop": 0.8,  # bench/ingest.py (a)/(c) on 16 cores
     "wall_s": 480.0,  # bench/gpu_all.sh, everything
@@ -466,13 +466,13 @@ def serve_ingest_table(serve: list[dict], ingest: dict | None, table: Table, not
             r = max(ratio, key=lambda r: r.get("concurrency", 0))
             table.add(f"serve, concurrency {r.get('concurrency')}: images/s", r.get("serve_images_per_s"),
                       r.get("pipeline_images_per_s"), ".1f", target=TARGETS["serve_ratio"])
-            notes.append("serve: 'reference' is the in-process Pipeline.generate at the same batch size")
+            notes.append("serve: 'reference' is the in-process Model.generate at the same batch size")
         runs = [r for r in serve if r.get("mode") == "batched"]
         if runs:
             r = max(runs, key=lambda r: r["concurrency"])
             table.add(f"serve batched, concurrency {r['concurrency']}: images/s", r["images_per_s"], None, ".1f")
         if not ratio:
-            table.add("serve / in-process Pipeline.generate, conc. 64", None, None, target=TARGETS["serve_ratio"])
+            table.add("serve / in-process Model.generate, conc. 64", None, None, target=TARGETS["serve_ratio"])
             notes.append("serve: bench/serve_load.py printed no 'serve_over_pipeline' line (item 3 adds the GPU "
                          "replica and the in-process comparison)")
     if ingest:

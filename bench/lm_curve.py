@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from visgen.eval.tune import SamplingSearchConfig, validation_prompts
     from visgen.models.gpt import PAD, VisGPT, gpt_config
     from visgen.models.vq import load_vq
-    from visgen.pipeline import Pipeline, caption_codes
+    from visgen.inference import Model, caption_codes
     from visgen.text.tokenizer import TextTokenizer
     from visgen.train.lm import assemble
     from visgen.train.config import TrainConfig
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model.eval()
         gain = condition_gain()
-        pipe = Pipeline(model, vq, tok)
+        pipe = Model(model, vq, tok)
         val = {}
         for s in settings:
             images = pipe.generate([r["prompt"] for r in records], seed=1_000_000, batch_size=128, **s)

@@ -93,7 +93,7 @@ class Trainer:
     def __init__(self, cfg, tc, device: str, task=None):
         import torch
 
-        from visgen.pipeline import SamplingConfig
+        from visgen.inference import SamplingConfig
         from visgen.train.lm import LMRecipe, LMTask
         from visgen.train.task import WorkerEnv
         from visgen.train.worker import Meter

@@ -1,4 +1,4 @@
-"""Tiny random-init model bundles for the Pipeline API, registry and serving tests."""
+"""Tiny random-init model bundles for the Model API, registry and serving tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from visgen.data.captions import make_caption
 from visgen.data.shapes import sample_prompt
 from visgen.models.gpt import VisGPT, gpt_config, save_gpt
 from visgen.models.vq import VQModel, save_vq, vq_config
-from visgen.pipeline import write_bundle, write_bundle_eval
+from visgen.inference import write_bundle, write_bundle_eval
 from visgen.text.tokenizer import TextTokenizerConfig, train_text_tokenizer
 
 RESOLUTION = 16

@@ -120,7 +120,7 @@ def test_report_without_a_serve_comparison_or_with_failed_steps(tmp_path):
     gpu = _gpu_lm()
     _write_outputs(tmp_path, images_per_s=120.0, serve_ratio=None)
     lines = gpu.report(str(tmp_path), wall_s=600.0, failed=["serve"])
-    assert _status(lines, "serve / in-process Pipeline.generate") == "-"
+    assert _status(lines, "serve / in-process Model.generate") == "-"
     assert any("printed no 'serve_over_pipeline' line" in line for line in lines)
     assert any(line.startswith("note: step FAILED: serve") for line in lines)
     assert _status(lines, "bench/gpu_all.sh wall time") == "NOT met"

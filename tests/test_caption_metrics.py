@@ -139,7 +139,7 @@ def test_bundle_eval_asks_each_image_in_its_reference_language(tmp_path, monkeyp
     from visgen.data.shapes import render
     from visgen.eval import bundle as bundle_eval
     from visgen.eval.captions import CaptionEvalConfig
-    from visgen.pipeline import Pipeline, read_manifest
+    from visgen.inference import Model, read_manifest
     from visgen.registry import Registry
     from visgen.tracking import TrackingConfig
 
@@ -159,13 +159,13 @@ def test_bundle_eval_asks_each_image_in_its_reference_language(tmp_path, monkeyp
         "overall": 0.25, "tasks": {"colors": {"accuracy": 0.25, "images": 2}}, "images_per_s": 1.0})
     monkeypatch.setattr(bundle_eval, "eval_identity", lambda *a: {"stub": True})
     asked = []
-    real = Pipeline.caption
+    real = Model.caption
 
     def spy(self, images, **kw):
         asked.extend(kw["language"])
         return real(self, images, **kw)
 
-    monkeypatch.setattr(Pipeline, "caption", spy)
+    monkeypatch.setattr(Model, "caption", spy)
     bundle = make_bundle(tmp_path / "m")
     tracking = TrackingConfig(experiment="eval-test", tracking_uri=f"sqlite:///{fresh_mlflow_db(tmp_path)}")
     full = bundle_eval.evaluate_bundle(bundle, ingest=None, geneval=None, captions=CaptionEvalConfig(samples=len(rows)),

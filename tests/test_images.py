@@ -1,8 +1,8 @@
-"""One image preparation: the same bytes give the same model square through ingest, Pipeline and Serve.
+"""One image preparation: the same bytes give the same model square through ingest, Model and Serve.
 
-Training images come from ingest (``process_samples``), captioning images from ``Pipeline.caption``
+Training images come from ingest (``process_samples``), captioning images from ``Model.caption``
 (bytes, a path or a PIL image) and from ``/v1/caption``, whose ingress decodes the upload with
-``serve.inputs.decode_image`` and whose replica hands the array to ``Pipeline.encode_images``. The
+``serve.inputs.decode_image`` and whose replica hands the array to ``Model.encode_images``. The
 HTTP app itself is exercised in tests/test_serve.py; here the ingress's decode function is called
 directly, as the ingress calls it, so that no second Serve app has to start.
 """
@@ -20,7 +20,7 @@ from bundles import RESOLUTION, make_bundle
 from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.data.ingest import IngestConfig, process_samples
 from visgen.data.webdataset_source import RawSample
-from visgen.pipeline import Pipeline, read_manifest, write_bundle
+from visgen.inference import Model, read_manifest, write_bundle
 from visgen.serve.config import ServeLimits
 from visgen.serve.inputs import RequestError, decode_image as serve_decode_image
 
@@ -66,17 +66,17 @@ def _ingest(data: bytes, prep: ImagePrep) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory) -> dict[str, Pipeline]:
+def pipes(tmp_path_factory) -> dict[str, Model]:
     """A bundle written before bundles recorded their preparation, and one trained with ``PAD``."""
     root = tmp_path_factory.mktemp("images")
     old = make_bundle(root)
     padded = write_bundle(root / "padded", lm_dir=root / "lm", image_tokenizer_dir=root / "vq",
                           text_tokenizer=root / "text_tokenizer.json", image_prep=PAD)
-    return {"default": Pipeline.load(old, device="cpu"), "pad": Pipeline.load(padded, device="cpu")}
+    return {"default": Model.load(old, device="cpu"), "pad": Model.load(padded, device="cpu")}
 
 
-def _caption_input(pipe: Pipeline, images: list, monkeypatch) -> np.ndarray:
-    """The (B, R, R, 3) uint8 images ``Pipeline.caption`` hands the image tokenizer for ``images``."""
+def _caption_input(pipe: Model, images: list, monkeypatch) -> np.ndarray:
+    """The (B, R, R, 3) uint8 images ``Model.caption`` hands the image tokenizer for ``images``."""
     seen = []
 
     class Seen(Exception):
@@ -102,7 +102,7 @@ def test_ingest_pipeline_and_serve_make_the_same_square(pipes, which, tmp_path, 
     want = np.stack([_ingest(data, prep) for data in CASES.values()])
     assert want.shape == (len(CASES), R, R, 3) and want.dtype == np.uint8
 
-    # Pipeline.caption, given the file's bytes, its path or the opened PIL image.
+    # Model.caption, given the file's bytes, its path or the opened PIL image.
     paths = []
     for i, data in enumerate(CASES.values()):
         paths.append(tmp_path / f"upload-{i}.img")
@@ -131,7 +131,7 @@ def test_the_cases_differ_from_a_plain_resize():
 
 
 def test_palette_gif_outside_ingest_formats():
-    """GIF is no training format (ingest rejects it), but Pipeline and a Serve that accepts GIF prepare it alike."""
+    """GIF is no training format (ingest rejects it), but Model and a Serve that accepts GIF prepare it alike."""
     p = Image.fromarray(np.arange(30 * 44, dtype=np.uint8).reshape(30, 44) % 7 * 30).convert("P")
     data = _encode(p, "GIF")
     want = to_model_square(Image.open(io.BytesIO(data)), PAD)
@@ -161,7 +161,7 @@ def test_bundles_record_the_preparation_and_old_ones_mean_ingest_defaults(pipes,
     manifest["image_prep"]["resize_mode"] = "stretch"
     (broken / "manifest.json").write_text(__import__("json").dumps(manifest))
     with pytest.raises(ValueError, match="'image_prep' entry .*stretch"):
-        Pipeline.load(broken, device="cpu")
+        Model.load(broken, device="cpu")
 
 
 def test_bad_images_are_refused_with_what_was_wrong(pipes, tmp_path):

@@ -61,9 +61,9 @@ def test_check_fits_names_what_does_not_fit():
         check_fits(lm, codebook_size=lm.codebook_size, grid=grid, text_vocab_size=lm.text_vocab + 1, text_tokenizer="tok.json")
 
 
-def test_models_import_neither_the_tokenizers_library_nor_the_pipeline_stack():
+def test_models_import_neither_the_tokenizers_library_nor_the_inference_stack():
     code = ("import sys; import visgen.models.gpt, visgen.models.vq, visgen.models.io, visgen.models.sampling; "
-            "bad = sorted(m for m in ('tokenizers', 'ray', 'mlflow', 'pyarrow', 'visgen.text.tokenizer', 'visgen.pipeline') "
+            "bad = sorted(m for m in ('tokenizers', 'ray', 'mlflow', 'pyarrow', 'visgen.text.tokenizer', 'visgen.inference') "
             "if m in sys.modules); print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

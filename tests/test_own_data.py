@@ -38,7 +38,7 @@ SKIP_LM = "skipping GenEval-shapes, the caption slot benchmark and the sampling 
 def pipe(tmp_path_factory):
     import visgen
 
-    return visgen.Pipeline.load(make_bundle(tmp_path_factory.mktemp("own-bundle")), device="cpu")
+    return visgen.Model.load(make_bundle(tmp_path_factory.mktemp("own-bundle")), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +289,7 @@ def test_retrieval_beats_chance_on_the_trained_model_and_not_on_shuffled_pairs(o
     assert ev["retrieval_t2i_at1"] >= chance + 0.15, ev
 
     spec = load(own_run["spec"], {"workdir": str(own_run["work"])})
-    pipe = visgen.Pipeline.load(spec.paths.bundle, device="cpu")
+    pipe = visgen.Model.load(spec.paths.bundle, device="cpu")
     images, captions = generic.heldout_pairs(spec.data.ingest, spec.workdir, 48)
     ids, codes = _ids_codes(pipe, images, captions)
     perm = np.random.default_rng(0).permutation(len(ids))

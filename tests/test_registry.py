@@ -12,7 +12,7 @@ import pytest
 import visgen
 from visgen import stages
 from visgen.config import SpecError, load_spec
-from visgen.pipeline import write_bundle_eval
+from visgen.inference import write_bundle_eval
 from visgen.registry import (CHAMPION, GATE_TAG, PREVIOUS, Registry, gate_decision, promote, register_bundle,
                              resolve_alias, rollback)
 from visgen.retrain import RetrainConfig
@@ -72,14 +72,14 @@ def test_promote_keeps_the_previous_champion_and_rollback_swaps_back(bundles, st
     assert rollback(cfg, workdir) == {CHAMPION: v2, PREVIOUS: v1}  # a second rollback redoes it
 
 
-def test_pipeline_loads_the_champion_by_alias(bundles, store, monkeypatch):
+def test_model_loads_the_champion_by_alias(bundles, store, monkeypatch):
     cfg, workdir = store
     v1, v2 = (register_bundle(b, cfg, workdir) for b in bundles)
     promote(v2, cfg, workdir)
     reg = Registry.from_config(cfg, workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.tracking_uri)
-    pipe = visgen.Pipeline.load("models:/visgen@champion", device="cpu")
-    direct = visgen.Pipeline.load(bundles[1], device="cpu")
+    pipe = visgen.Model.load("models:/visgen@champion", device="cpu")
+    direct = visgen.Model.load(bundles[1], device="cpu")
     assert pipe.info()["lm_fingerprint"] == direct.info()["lm_fingerprint"]
     np.testing.assert_array_equal(pipe.generate("a red circle", seed=3)[0], direct.generate("a red circle", seed=3)[0])
     loaded = reg.load(reg.resolve_uri("models:/visgen@champion").version)

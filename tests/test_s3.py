@@ -1,6 +1,6 @@
 """Object storage for real: a local S3 server (moto, ``tests/s3server.py``) holding the shards, the
 workdir of a whole pipeline run, Ray Train checkpoints that a restarted worker group reads back,
-and the bundle that ``Pipeline.load`` and Serve's model loader read from the bucket."""
+and the bundle that ``Model.load`` and Serve's model loader read from the bucket."""
 
 from __future__ import annotations
 
@@ -124,10 +124,10 @@ def test_pipeline_on_an_s3_workdir_trains_and_serves_from_the_bucket(s3, tmp_pat
     os.environ["VISGEN_CACHE_DIR"] = str(tmp_path / "cache-b")
     try:
         from visgen import stages
-        from visgen.pipeline import Pipeline
+        from visgen.inference import Model
         from visgen.serve.model import load_model
 
-        pipe = Pipeline.load(f"{work}/models/bundle", device="cpu")
+        pipe = Model.load(f"{work}/models/bundle", device="cpu")
         assert isinstance(pipe.caption([np.asarray(Image.open(io.BytesIO(_png())))])[0], str)
         _, info = load_model(f"{work}/models/bundle", None, "cpu")
         assert info["name"] == "bundle" and info["version"].startswith("local-")

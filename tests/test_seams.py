@@ -2,8 +2,8 @@
 
 An AST walk over ``visgen/`` (module- and function-level imports alike) finds
 ``from visgen.x import _y``, ``from . import _y`` and ``x._y`` where ``x`` is another visgen
-module. That Serve uses only the public side of ``Pipeline`` is checked at run time by
-``tests/test_serve_units.py::test_the_replica_uses_only_the_public_pipeline``.
+module. That Serve uses only the public side of ``Model`` is checked at run time by
+``tests/test_serve_units.py::test_the_replica_uses_only_the_public_model``.
 """
 
 from __future__ import annotations

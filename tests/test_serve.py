@@ -87,7 +87,7 @@ def _decode(png_b64: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pipes(env):
-    return [visgen.Pipeline.load(b, device="cpu") for b in env["bundles"]]
+    return [visgen.Model.load(b, device="cpu") for b in env["bundles"]]
 
 
 def test_health_model_info_docs_and_page(env):

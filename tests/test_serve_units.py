@@ -99,7 +99,7 @@ def test_request_models_carry_the_limits():
 
 
 def test_caption_language_field_is_validated_with_the_allowed_values():
-    from visgen.pipeline import CAPTION_LANGUAGES
+    from visgen.inference import CAPTION_LANGUAGES
 
     models = request_models(ServeLimits())
     assert validate(models["caption"], {"image": "x"}).language == "auto"
@@ -115,7 +115,7 @@ def test_caption_language_field_is_validated_with_the_allowed_values():
 
 
 def test_the_replica_captions_each_job_in_its_own_language(tmp_path):
-    """One model call for a batch of mixed languages; each answer as Pipeline.caption gives it."""
+    """One model call for a batch of mixed languages; each answer as Model.caption gives it."""
     import re
 
     import numpy as np
@@ -124,7 +124,7 @@ def test_the_replica_captions_each_job_in_its_own_language(tmp_path):
     from bundles import make_bundle
     from visgen.serve.model import Served, VisgenModel
 
-    pipe = visgen.Pipeline.load(make_bundle(tmp_path), device="cpu")
+    pipe = visgen.Model.load(make_bundle(tmp_path), device="cpu")
     images = list(np.random.default_rng(3).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
     langs = ["zh", "en", "auto", "zh", "en", "auto"]
     out = VisgenModel._run_caption(Served(pipe=pipe, info={"version": "7"}),
@@ -208,7 +208,7 @@ def test_coalescer_answers_every_job_even_when_the_model_returns_too_few_results
 
 
 class PublicOnly:
-    """A pipeline seen through its public names only, recording every reach for a ``_`` name."""
+    """A model seen through its public names only, recording every reach for a ``_`` name."""
 
     def __init__(self, pipe, reached: list[str]):
         object.__setattr__(self, "_target", pipe)
@@ -217,7 +217,7 @@ class PublicOnly:
     def __getattr__(self, name):  # only names the proxy itself lacks get here
         if name.startswith("_"):
             object.__getattribute__(self, "_reached").append(name)
-            raise AttributeError(f"Serve reached into the pipeline's private {name!r}; ask Pipeline for a public method")
+            raise AttributeError(f"Serve reached into the model's private {name!r}; ask Model for a public method")
         return getattr(object.__getattribute__(self, "_target"), name)
 
 
@@ -230,15 +230,15 @@ def test_public_only_records_a_private_reach():
     assert getattr(proxy, "_other", None) is None and reached == ["_sampling", "_other"]
 
 
-def test_the_replica_uses_only_the_public_pipeline(tmp_path):
-    """Load, info, generate, caption and edit through a pipeline that refuses its private names;
-    generate answers each job as Pipeline.generate_many answers it alone."""
+def test_the_replica_uses_only_the_public_model(tmp_path):
+    """Load, info, generate, caption and edit through a model that refuses its private names;
+    generate answers each job as Model.generate_many answers it alone."""
     import visgen
     from bundles import make_bundle
-    from visgen.pipeline import GenerationRequest
+    from visgen.inference import GenerationRequest
     from visgen.serve.model import VisgenModel
 
-    pipe = visgen.Pipeline.load(make_bundle(tmp_path), device="cpu")
+    pipe = visgen.Model.load(make_bundle(tmp_path), device="cpu")
     reached: list[str] = []
     model = VisgenModel(ServeConfig(poll_interval_s=0).model_dump(mode="json"), None,
                         loader=lambda uri, tracking_uri, device: (PublicOnly(pipe, reached), {"version": "7"}),
@@ -334,7 +334,7 @@ def test_replica_warm_up_follows_the_config(tmp_path):
     from bundles import make_bundle
     from visgen.serve.model import VisgenModel
 
-    pipe = visgen.Pipeline.load(make_bundle(tmp_path), device="cpu")
+    pipe = visgen.Model.load(make_bundle(tmp_path), device="cpu")
     compiled: list[bool] = []
     pipe.lm.compile_decode = lambda *a, **k: compiled.append(True)  # the real one takes minutes on a CPU
 

@@ -291,7 +291,7 @@ def test_in_memory_resume_matches_an_uninterrupted_run(ray_session, tmp_path):
 @pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "stream"])
 def test_the_transformer_trains_on_either_feed(cache, tmp_path, in_memory):
     from visgen.models.gpt import gpt_config
-    from visgen.pipeline import SamplingConfig
+    from visgen.inference import SamplingConfig
     from visgen.train.config import ScalingConfig
     from visgen.train.lm import LMRecipe, LMTask
     from visgen.train.loop import fit

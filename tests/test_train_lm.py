@@ -68,7 +68,7 @@ def test_assemble_refuses_special_ids(layout):
 
 
 def test_quick_eval_captions_in_the_reference_language(tok, tmp_path):
-    from visgen.pipeline import SamplingConfig
+    from visgen.inference import SamplingConfig
     from visgen.train.config import TrainConfig
     from visgen.train.lm import LMRecipe, LMTask
     from visgen.train.loop import WorkerEnv

@@ -9,7 +9,7 @@ import pytest
 from visgen.config import SpecError, validate_section
 from visgen.eval.geneval import PROMPT_SET_SEED, build_prompt_set
 from visgen.eval.tune import SamplingSearchConfig, coordinate_search, tune_bundle, validation_prompts
-from visgen.pipeline import Pipeline, read_manifest
+from visgen.inference import Model, read_manifest
 
 from bundles import make_bundle
 
@@ -77,7 +77,7 @@ def test_tune_bundle_writes_the_choice_and_keeps_the_spec_section(tmp_path):
     assert result["prompts"] == 6 and len(result["trials"]) >= 3
     assert all(set(t["tasks"]) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
                for t in result["trials"])
-    pipe = Pipeline.load(bundle, device="cpu")
+    pipe = Model.load(bundle, device="cpu")
     assert pipe.sampling.cfg_scale == result["chosen"]["cfg_scale"] and pipe.sampling.top_k == result["chosen"]["top_k"]
     # a second search starts from the spec's section again, not from the first choice
     again = tune_bundle(bundle, cfg, device="cpu")

@@ -4,13 +4,17 @@ Importing the package is cheap and has no side effects; heavy modules (ray, torc
 are imported by the submodules that need them.
 """
 
+import warnings
+
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # ``visgen.Pipeline`` without importing torch at ``import visgen``.
-    if name == "Pipeline":
-        from visgen.pipeline import Pipeline
+    # ``visgen.Model`` without importing torch at ``import visgen``.
+    if name in ("Model", "Pipeline"):
+        from visgen.inference import Model  # torch: ``import visgen`` stays cheap
 
-        return Pipeline
+        if name == "Pipeline":
+            warnings.warn("visgen.Pipeline is deprecated: use visgen.Model (visgen.inference)", DeprecationWarning, stacklevel=2)
+        return Model
     raise AttributeError(f"module 'visgen' has no attribute {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import sys
@@ -20,7 +21,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from visgen.base import DERIVED_FIELDS, SpecError, parse_override
+from visgen.base import DERIVED_FIELDS, SpecError, parse_override, validate_section
+from visgen.runtime import init_ray, setup_logging
 
 log = logging.getLogger("visgen")
 
@@ -70,8 +72,6 @@ SECTION_CLASSES: dict[str, str] = {
 
 def section_class(section: str) -> type[BaseModel]:
     """The class of spec section ``section`` (a key of :data:`SECTION_CLASSES`), importing only its module."""
-    import importlib
-
     module, name = SECTION_CLASSES[section].split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -128,7 +128,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spec_from_args(args: argparse.Namespace):
-    from visgen.config import load_spec  # lazy: the spec imports every component (torch, Ray Data)
+    from visgen.config import load_spec  # the spec imports every component (torch, Ray Data): not at --help
 
     return load_spec(args.pipeline, overrides_from_args(args))
 
@@ -140,14 +140,14 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_data_synth(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     report = stages.synth(spec_from_args(args), overwrite=args.overwrite)
     print(report.format() if hasattr(report, "format") else report)
 
 
 def cmd_data_ingest(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     report = stages.ingest(spec_from_args(args))
     print(report.format())
@@ -163,14 +163,13 @@ def pack_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_data_pack(args):
-    from visgen.config import validate_section
-    from visgen.data.pack import PackConfig, pack
+    from visgen.data.pack import PackConfig, pack  # Ray Data: keeps `visgen --help` fast
 
     print(pack(validate_section(PackConfig, pack_fields(args), where="visgen data pack")).format())
 
 
 def cmd_data_tokenizer(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
     from visgen.text.tokenizer import TextTokenizer
 
     path = stages.text_tokenizer(spec_from_args(args), force=args.force)
@@ -179,7 +178,7 @@ def cmd_data_tokenizer(args):
 
 
 def cmd_train_tokenizer(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     res = stages.train_tokenizer(spec_from_args(args), run_name=args.run_name)
     print(f"image tokenizer: {res.fit.step} steps, exported to {res.model_dir}")
@@ -187,13 +186,13 @@ def cmd_train_tokenizer(args):
 
 
 def cmd_eval_tokenizer(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     _print_json(stages.eval_tokenizer(spec_from_args(args), run_name=args.run_name))
 
 
 def cmd_eval_judge(args):
-    from visgen.eval.judge import DEFAULT_JUDGE_DIR, JudgeConfig, judge_report
+    from visgen.eval.judge import DEFAULT_JUDGE_DIR, JudgeConfig, judge_report  # scipy, torch: keeps `visgen --help` fast
 
     spec = spec_from_args(args)
     default = spec.paths.eval / "judge" if args.train else DEFAULT_JUDGE_DIR  # never retrain the shipped one in place
@@ -202,9 +201,7 @@ def cmd_eval_judge(args):
 
 
 def cmd_eval_generations(args):
-    from pathlib import Path
-
-    from visgen.eval.geneval import score_folder, write_results
+    from visgen.eval.geneval import score_folder, write_results  # torch, scipy: keeps `visgen --help` fast
     from visgen.eval.judge import load_judge
 
     result = score_folder(args.images, load_judge(args.judge_dir))
@@ -215,13 +212,13 @@ def cmd_eval_generations(args):
 
 
 def cmd_data_token_cache(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     print(stages.token_cache(spec_from_args(args), force=args.force).format())
 
 
 def cmd_train_lm(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     spec = spec_from_args(args)
     res = stages.train_lm(spec, run_name=args.run_name)
@@ -231,20 +228,20 @@ def cmd_train_lm(args):
 
 
 def cmd_eval_lm(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     ev = stages.eval_lm(spec_from_args(args), bundle_dir=args.bundle, run_name=args.run_name, force=args.force)
     _print_json({k: v for k, v in ev.items() if not isinstance(v, (dict, list))})
 
 
-def _load_pipeline(args):
-    from visgen.pipeline import Pipeline
+def _load_model(args):
+    from visgen.inference import Model  # torch: keeps `visgen --help` fast
 
     if args.bundle:
-        return Pipeline.load(args.bundle, device=args.device)
+        return Model.load(args.bundle, device=args.device)
     paths = spec_from_args(args).paths
     # An object store workdir: its bundle from the bucket (a cached copy on this machine).
-    return Pipeline.load(paths.location(paths.bundle), device=args.device)
+    return Model.load(paths.location(paths.bundle), device=args.device)
 
 
 def _output_paths(out: str, count: int) -> list[Path]:
@@ -260,7 +257,7 @@ def _output_paths(out: str, count: int) -> list[Path]:
 
 
 def _save_images(images, out: str) -> None:
-    from PIL import Image
+    from PIL import Image  # keeps `visgen --help` to argparse, yaml and pydantic
 
     for image, path in zip(images, _output_paths(out, len(images))):
         Image.fromarray(image).save(path)
@@ -268,23 +265,23 @@ def _save_images(images, out: str) -> None:
 
 
 def cmd_generate(args):
-    pipe = _load_pipeline(args)
-    images = pipe.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    model = _load_model(args)
+    images = model.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     _save_images(images, args.out)
 
 
 def cmd_caption(args):
-    pipe = _load_pipeline(args)
-    texts = pipe.caption(args.images, language=args.language, seed=args.seed, temperature=args.temperature)
+    model = _load_model(args)
+    texts = model.caption(args.images, language=args.language, seed=args.seed, temperature=args.temperature)
     for path, text in zip(args.images, texts):
         print(f"{path}\t{text}")
 
 
 def cmd_edit(args):
-    pipe = _load_pipeline(args)
-    image = pipe.edit(args.image, args.prompt, keep_rows=args.keep_rows, seed=args.seed, cfg_scale=args.cfg_scale,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    model = _load_model(args)
+    image = model.edit(args.image, args.prompt, keep_rows=args.keep_rows, seed=args.seed, cfg_scale=args.cfg_scale,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     _save_images([image], args.out)
 
 
@@ -292,7 +289,7 @@ def cmd_edit(args):
 def _registry(args):
     """The spec's registry; for an object store workdir its sqlite store is pulled from the bucket
     first and pushed back after a change."""
-    from visgen.registry import Registry
+    from visgen.registry import Registry  # torch, MLflow: keeps `visgen --help` fast
 
     spec = spec_from_args(args)
     spec.paths.pull("mlflow.db")
@@ -301,8 +298,6 @@ def _registry(args):
 
 
 def cmd_register(args):
-    from visgen.config import parse_override
-
     tags = dict(parse_override(t) for t in args.tag or [])
     with _registry(args) as (reg, spec):
         if not args.bundle:
@@ -322,10 +317,8 @@ def cmd_rollback(args):
 
 
 def cmd_serve(args):
-    from visgen.serve.app import run
+    from visgen.serve.app import run  # Ray Serve, FastAPI: keeps `visgen --help` fast
     from visgen.tracking import resolve_tracking_uri
-
-    from visgen.runtime import init_ray
 
     spec = spec_from_args(args)
     spec.paths.pull("mlflow.db")  # an object store workdir: its registry, from the bucket
@@ -336,13 +329,13 @@ def cmd_serve(args):
 
 
 def cmd_retrain(args):
-    from visgen.retrain import retrain
+    from visgen.retrain import retrain  # Ray, pyarrow: keeps `visgen --help` fast
 
     _print_json(retrain(spec_from_args(args)))
 
 
 def cmd_run(args):
-    from visgen import stages
+    from visgen import stages  # torch, Ray: keeps `visgen --help` fast
 
     spec = spec_from_args(args)
     summary = stages.run_pipeline(spec)
@@ -540,8 +533,6 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visgen.runtime import setup_logging
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=command_of(argv))
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ from visgen.models.gpt import PRESETS as GPT_PRESETS
 from visgen.models.gpt import GPTConfig
 from visgen.models.vq import PRESETS as VQ_PRESETS
 from visgen.models.vq import VQConfig
-from visgen.pipeline import SamplingConfig
+from visgen.inference import SamplingConfig
 from visgen.retrain import RetrainConfig
 from visgen.serve.config import ServeConfig
 from visgen.text.tokenizer import TextTokenizerConfig

@@ -3,7 +3,7 @@
     version = register_bundle("work/shapes-32/models/bundle", spec.tracking, spec.workdir)
     promote(version, spec.tracking, spec.workdir)      # alias champion -> version, old champion -> previous
     rollback(spec.tracking, spec.workdir)              # champion <-> previous
-    pipe = visgen.Pipeline.load("models:/visgen@champion")   # with $MLFLOW_TRACKING_URI pointing at the store
+    pipe = visgen.Model.load("models:/visgen@champion")   # with $MLFLOW_TRACKING_URI pointing at the store
 
 A version's files are the bundle directory, logged as the artifacts (``bundle/``) of one MLflow run
 in the tracking experiment; the version's ``source`` is that artifact directory, so
@@ -23,7 +23,7 @@ metric's direction; a missing or non-finite score never wins over a finite one.
 
 Loading (:func:`load_version`) downloads one *numbered* version, never an alias, so the version a
 server reports is the one whose files it loaded, even when the alias moves during the download.
-Only safetensors and JSON are read (see :mod:`visgen.pipeline`).
+Only safetensors and JSON are read (see :mod:`visgen.inference`).
 """
 
 from __future__ import annotations
@@ -40,14 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from visgen.pipeline import MANIFEST, TEXT_TOKENIZER_FILE, read_manifest
+from visgen.inference import MANIFEST, TEXT_TOKENIZER_FILE, Model, read_manifest
 from visgen.tracking import (TrackingConfig, download_artifacts, is_remote_store, open_run, param_text,
                              resolve_tracking_uri)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-    from visgen.pipeline import Pipeline
 
 log = logging.getLogger("visgen.registry")
 
@@ -176,7 +174,7 @@ class Registry:
 
     def __init__(self, tracking_uri: str, name: str = MODEL_NAME, experiment: str = "visgen",
                  workdir: str | Path | None = None):
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # mlflow: seconds to import; only a registry in use needs it
 
         if not name or "/" in name or "@" in name:
             raise ValueError(f"registered model name {name!r} must be non-empty without '/' or '@'")
@@ -200,7 +198,7 @@ class Registry:
         cannot be served is never registered. The same files registered again return the version
         that already holds them.
         """
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: only a registry in use needs it
 
         bundle = Path(bundle_dir).expanduser().resolve()
         manifest = check_bundle(bundle, verify=verify)
@@ -237,7 +235,7 @@ class Registry:
         return self.version(mv.version)
 
     def _ensure_model(self) -> None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: only a registry in use needs it
 
         try:
             self.client.get_registered_model(self.name)
@@ -251,7 +249,7 @@ class Registry:
     # -- aliases ---------------------------------------------------------------------------------
     def version(self, version: str | int) -> VersionInfo:
         """One version's record; a clear error when it does not exist."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: only a registry in use needs it
 
         v = _version_str(version)
         try:
@@ -264,7 +262,7 @@ class Registry:
 
     def resolve(self, alias: str = CHAMPION) -> VersionInfo:
         """The version an alias points at."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: only a registry in use needs it
 
         _check_alias(alias)
         try:
@@ -276,7 +274,7 @@ class Registry:
 
     def aliases(self) -> dict[str, str]:
         """``{alias: version}`` of the registered model (empty when it does not exist yet)."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: only a registry in use needs it
 
         try:
             return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
@@ -368,14 +366,12 @@ class Registry:
             raise FileNotFoundError(f"version {v} of {self.name!r} has no {MANIFEST} at the top of its files")
         return local
 
-    def load(self, version: str | int, device: str = "cpu") -> "Pipeline":
-        """A :class:`visgen.Pipeline` of one numbered version (downloaded to a temp dir, removed after loading)."""
-        from visgen.pipeline import Pipeline
-
+    def load(self, version: str | int, device: str = "cpu") -> "Model":
+        """A :class:`visgen.Model` of one numbered version (downloaded to a temp dir, removed after loading)."""
         v = _version_str(version)
         tmp = tempfile.mkdtemp(prefix=f"visgen-v{v}-")
         try:
-            pipe = Pipeline.load(self.download(v, tmp), device=device)
+            pipe = Model.load(self.download(v, tmp), device=device)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # the weights are in memory now
         pipe.source = f"models:/{self.name}/{v}"
@@ -431,9 +427,7 @@ def check_bundle(bundle: Path, verify: bool = True) -> dict:
     if pickled:
         raise ValueError(f"bundle {bundle} holds pickle-format files {pickled}: bundles carry only safetensors and JSON")
     if verify:
-        from visgen.pipeline import Pipeline
-
-        Pipeline.load(bundle, device="cpu")  # fingerprints and shapes agree, or this raises
+        Model.load(bundle, device="cpu")  # fingerprints and shapes agree, or this raises
     return manifest
 
 

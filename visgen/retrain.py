@@ -38,6 +38,9 @@ from pydantic import Field
 from visgen import storage
 from visgen.base import Section, replace
 from visgen.data.sources import expand_source, shard_signature
+from visgen.eval.bundle import evaluate_bundle
+from visgen.eval.tune import tune_bundle
+from visgen.runtime import init_ray
 
 log = logging.getLogger("visgen.retrain")
 
@@ -112,12 +115,11 @@ def retrain(spec, cfg: RetrainConfig | None = None) -> dict:
 
 
 def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
+    # torch, Ray: only a retrain that runs needs them, not `visgen retrain --help` (it reads RetrainConfig here)
     from visgen.data.token_cache import build_token_cache
-    from visgen.eval.bundle import evaluate_bundle
-    from visgen.eval.tune import tune_bundle
-    from visgen.pipeline import read_manifest, write_bundle
+    from visgen.inference import read_manifest, write_bundle
+    from visgen.models.gpt import load_gpt
     from visgen.registry import CHAMPION, Registry
-    from visgen.runtime import init_ray
     from visgen.train.lm import train_lm
 
     wd = spec.paths.root  # local files of this attempt (the local mirror of an object store workdir)
@@ -160,8 +162,6 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     cache = build_token_cache(spec.data.ingest, storage.join(shared_champ, "text_tokenizer.json"), shared_champ,
                               cache_dir, spec.token_cache, spec.paths.quarantine)
     print(cache.format(), flush=True)
-    from visgen.models.gpt import load_gpt
-
     model_cfg = load_gpt(champ_dir).cfg
     train_cfg = replace(spec.lm.train, steps=cfg.steps, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                         checkpoint_every=min(spec.lm.train.checkpoint_every, cfg.steps))

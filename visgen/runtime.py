@@ -11,7 +11,7 @@ log = logging.getLogger("visgen")
 def init_ray(num_cpus: int | None = None) -> None:
     """Idempotent ``ray.init``. Inside ``ray job submit`` or with ``RAY_ADDRESS`` set, Ray joins that
     cluster; otherwise it starts a local one sized like this machine."""
-    import ray
+    import ray  # ray: the CLI imports this module; only joining a cluster needs Ray
 
     if ray.is_initialized():
         return
@@ -20,7 +20,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
-    from ray.data import DataContext
+    from ray.data import DataContext  # ray.data: after ray.init, for the same reason
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False

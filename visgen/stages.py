@@ -6,21 +6,36 @@ Each stage hands every component only its own section of the spec. The CLI and t
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
 from pathlib import Path
 
+import requests
+
+from visgen import storage
 from visgen.config import PipelineSpec, SpecError
+from visgen.data import ingest as data_ingest
+from visgen.data.images import ImagePrep
+from visgen.data.sources import expand_source, shard_signature
+from visgen.data.synth import synthesize
+from visgen.data.token_cache import build_token_cache
+from visgen.eval import bundle as bundle_eval, tune
+from visgen.inference import read_manifest, write_bundle
+from visgen.models.gpt import CONFIG_FILE as LM_JSON
+from visgen.models.vq import CONFIG_FILE as VQ_JSON
+from visgen.registry import Registry
 from visgen.runtime import init_ray
+from visgen.text.tokenizer import PRE_TOKENIZATION, SPECIAL_TOKENS, TextTokenizer, train_text_tokenizer
+from visgen.tracking import resolve_tracking_uri
+from visgen.train import image_tokenizer, lm as lm_training
 
 log = logging.getLogger("visgen")
 
 
 def synth(spec: PipelineSpec, overwrite: bool = False):
     """Generate the shapes shards named by ``data.synth`` (skipped when already there)."""
-    from visgen.data.synth import synthesize
-
     if spec.data.synth is None:
         raise SpecError(f"spec {spec.name!r} has no data.synth section: it reads existing shards "
                         f"from data.ingest.source={spec.data.ingest.source!r}")
@@ -30,10 +45,6 @@ def synth(spec: PipelineSpec, overwrite: bool = False):
 
 def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
     """Train the byte-level BPE over the captions of the shard source; reuse it when up to date."""
-    from visgen.data.ingest import read_captions
-    from visgen.data.sources import expand_source, shard_signature
-    from visgen.text.tokenizer import PRE_TOKENIZATION, SPECIAL_TOKENS, TextTokenizer, train_text_tokenizer
-
     out = spec.paths.text_tokenizer
     meta_path = out.with_suffix(".meta.json")
     spec.paths.pull(out.name, meta_path.name)  # an object store workdir: its copy in the local mirror
@@ -55,7 +66,7 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
                  "retraining it", out)
     init_ray()
     t0 = time.perf_counter()
-    ds = read_captions(spec.data.ingest)
+    ds = data_ingest.read_captions(spec.data.ingest)
 
     def captions():
         for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
@@ -71,38 +82,33 @@ def text_tokenizer(spec: PipelineSpec, force: bool = False) -> Path:
 
 def ingest(spec: PipelineSpec):
     """One full pass of the ingest pipeline: counts kept / quarantined by reason, images/s."""
-    from visgen.data.ingest import run_ingest
-
     init_ray()
     spec.paths.pull("text_tokenizer.json")
     tok = spec.paths.text_tokenizer
-    return run_ingest(spec.data.ingest, spec.paths.shared(tok) if tok.is_file() else None, spec.paths.quarantine)
+    return data_ingest.run_ingest(spec.data.ingest, spec.paths.shared(tok) if tok.is_file() else None, spec.paths.quarantine)
 
 
 def train_tokenizer(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
     """Train the image tokenizer on Ray Train (resumes the run when checkpoints exist)."""
-    from visgen.train.image_tokenizer import RUN_NAME, train_image_tokenizer
-
     init_ray()
     it = spec.image_tokenizer
-    return train_image_tokenizer(it.model, it.train, it.scaling, spec.data.ingest, workdir=spec.workdir,
-                                 tracking=spec.tracking, params={"pipeline": spec.dump()}, crash_at=crash_at,
-                                 run_name=run_name or RUN_NAME)
+    return image_tokenizer.train_image_tokenizer(it.model, it.train, it.scaling, spec.data.ingest, workdir=spec.workdir,
+                                                 tracking=spec.tracking, params={"pipeline": spec.dump()},
+                                                 crash_at=crash_at, run_name=run_name or image_tokenizer.RUN_NAME)
 
 
 def eval_tokenizer(spec: PipelineSpec, run_name: str | None = None) -> dict:
     """PSNR / SSIM / codebook usage / perplexity of the exported tokenizer on the held-out shards; on
     shapes data also the GenEval-shapes ceiling of its reconstructions (what a transformer can reach)."""
-    from visgen.train.image_tokenizer import RUN_NAME, evaluate_image_tokenizer
-
     spec.paths.pull("models/image_tokenizer")
     model_dir = spec.paths.models / "image_tokenizer"
     if not (model_dir.is_dir() and any(model_dir.iterdir())):
         raise FileNotFoundError(f"no trained image tokenizer in {model_dir}; run `visgen train tokenizer --pipeline ...` first")
     if not spec.eval.shapes:
         print(f"skipping the GenEval-shapes ceiling of the image tokenizer: {_not_shapes(spec)}", flush=True)
-    return evaluate_image_tokenizer(model_dir, spec.data.ingest, workdir=spec.workdir, tracking=spec.tracking,
-                                    run_name=run_name or RUN_NAME, geneval_ceiling=spec.eval.shapes)
+    return image_tokenizer.evaluate_image_tokenizer(model_dir, spec.data.ingest, workdir=spec.workdir,
+                                                    tracking=spec.tracking, run_name=run_name or image_tokenizer.RUN_NAME,
+                                                    geneval_ceiling=spec.eval.shapes)
 
 
 def _not_shapes(spec: PipelineSpec) -> str:
@@ -113,8 +119,6 @@ def _not_shapes(spec: PipelineSpec) -> str:
 
 def token_cache(spec: PipelineSpec, force: bool = False):
     """Encode every ingested image with the frozen image tokenizer (an actor pool) into the parquet cache."""
-    from visgen.data.token_cache import build_token_cache
-
     model_dir = _trained_image_tokenizer(spec)
     spec.paths.pull("text_tokenizer.json")
     tok = spec.paths.text_tokenizer
@@ -136,20 +140,17 @@ def _trained_image_tokenizer(spec: PipelineSpec) -> Path:
 
 def train_lm(spec: PipelineSpec, run_name: str | None = None, crash_at=None):
     """Train the transformer on the token cache (resumes the run when checkpoints exist)."""
-    from visgen.train.lm import RUN_NAME, train_lm as _train
-
-    from visgen import storage
-
     cache = spec.paths.token_cache
     if not storage.is_file(storage.join(cache, "manifest.json")):
         raise FileNotFoundError(f"no token cache in {cache}; run `visgen data token-cache --pipeline ...` first")
     init_ray()
     spec.paths.pull("text_tokenizer.json")
     lm = spec.lm
-    return _train(lm.model, lm.recipe, lm.train, lm.scaling, cache_dir=cache,
-                  image_tokenizer_dir=_trained_image_tokenizer(spec), text_tokenizer=spec.paths.text_tokenizer,
-                  workdir=spec.workdir, sampling=spec.sampling, tracking=spec.tracking,
-                  params={"pipeline": spec.dump()}, run_name=run_name or RUN_NAME, crash_at=crash_at)
+    return lm_training.train_lm(lm.model, lm.recipe, lm.train, lm.scaling, cache_dir=cache,
+                                image_tokenizer_dir=_trained_image_tokenizer(spec), text_tokenizer=spec.paths.text_tokenizer,
+                                workdir=spec.workdir, sampling=spec.sampling, tracking=spec.tracking,
+                                params={"pipeline": spec.dump()}, run_name=run_name or lm_training.RUN_NAME,
+                                crash_at=crash_at)
 
 
 def bundle(spec: PipelineSpec, force: bool = False) -> Path:
@@ -158,13 +159,6 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
     of the bundle; an existing bundle of the same parts, sampling defaults, image preparation and
     shards is kept as it is (with its eval results), so re-running the pipeline does not register
     a new version of an unchanged model."""
-    from visgen.data.images import ImagePrep
-    from visgen.data.sources import shard_signature
-    from visgen.models.gpt import CONFIG_FILE as LM_JSON
-    from visgen.models.vq import CONFIG_FILE as VQ_JSON
-    from visgen.pipeline import read_manifest, write_bundle
-    from visgen.text.tokenizer import TextTokenizer
-
     spec.paths.pull("models/lm", "models/bundle", "text_tokenizer.json")
     lm_dir, vq_dir = spec.paths.models / "lm", _trained_image_tokenizer(spec)
     if not (lm_dir / LM_JSON).is_file():
@@ -196,8 +190,6 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
 
 
 def _shard_list(spec: PipelineSpec) -> list[str]:
-    from visgen.data.sources import expand_source
-
     return expand_source(spec.data.ingest.source)
 
 
@@ -209,10 +201,6 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
     evaluated with the same settings on the same held-out data keeps its results. With
     ``eval.sampling_search.enabled`` on shapes data the bundle's sampling defaults are first chosen
     on validation prompts (:mod:`visgen.eval.tune`), and the benchmark runs with them."""
-    from visgen.eval.bundle import eval_identity, evaluate_bundle
-    from visgen.eval.tune import tune_bundle
-    from visgen.train.lm import RUN_NAME
-
     if not bundle_dir:
         spec.paths.pull("models/bundle")
     d = Path(bundle_dir) if bundle_dir else spec.paths.bundle
@@ -221,7 +209,7 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
     ev = spec.eval
     search = ev.sampling_search
     searching = search.enabled and ev.shapes
-    identity = eval_identity(spec.data.ingest, ev.geneval, ev.captions, search if searching else None,
+    identity = bundle_eval.eval_identity(spec.data.ingest, ev.geneval, ev.captions, search if searching else None,
                              ev.heldout, ev.shapes)
     done = d / "eval.json"
     if not force and done.is_file():
@@ -233,11 +221,12 @@ def eval_lm(spec: PipelineSpec, bundle_dir: str | Path | None = None, run_name: 
     if not ev.shapes:
         print(f"skipping GenEval-shapes, the caption slot benchmark"
               f"{' and the sampling search' if search.enabled else ''}: {_not_shapes(spec)}", flush=True)
-    tuned = tune_bundle(d, search, judge=ev.geneval.judge) if searching else None
-    result = evaluate_bundle(d, ingest=spec.data.ingest, geneval=ev.geneval, captions=ev.captions,
-                             workdir=spec.workdir, tracking=spec.tracking, run_name=run_name or RUN_NAME,
-                             sampling_search=search if searching else None, search_result=tuned,
-                             heldout=ev.heldout, shapes=ev.shapes)
+    tuned = tune.tune_bundle(d, search, judge=ev.geneval.judge) if searching else None
+    result = bundle_eval.evaluate_bundle(d, ingest=spec.data.ingest, geneval=ev.geneval, captions=ev.captions,
+                                         workdir=spec.workdir, tracking=spec.tracking,
+                                         run_name=run_name or lm_training.RUN_NAME,
+                                         sampling_search=search if searching else None, search_result=tuned,
+                                         heldout=ev.heldout, shapes=ev.shapes)
     spec.paths.push("eval", *(("models/bundle",) if not bundle_dir else ()))  # the bundle now holds its scores
     return result
 
@@ -247,8 +236,6 @@ def publish(spec: PipelineSpec) -> dict:
     there is none yet or when it passes the gate of ``retrain`` (``gate_metric``, ``gate_direction``,
     ``margin``) against the champion's registered scores: the rule scheduled retraining applies,
     :meth:`visgen.registry.Registry.promote_if_better`."""
-    from visgen.registry import Registry
-
     reg = Registry.from_config(spec.tracking, spec.workdir)
     spec.paths.pull("models/bundle")
     new = reg.register(spec.paths.bundle)
@@ -261,14 +248,9 @@ def publish(spec: PipelineSpec) -> dict:
 
 def serve_check(spec: PipelineSpec, keep_running: bool = False) -> dict:
     """Start the Serve app on the champion and send it one generate and one caption request over HTTP."""
-    import base64
-
-    import requests
-    from ray import serve
+    from ray import serve  # Ray Serve, FastAPI: only this stage starts an app
 
     from visgen.serve.app import build_app
-    from visgen.tracking import resolve_tracking_uri
-
     init_ray()
     cfg = spec.serve
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
@@ -375,8 +357,6 @@ EVAL_SUMMARY_KEYS = ("geneval_", "caption_", "heldout_", "retrieval_", "frechet_
 
 
 def where_to_look(spec: PipelineSpec, pipeline: str = "PIPELINE.yaml") -> str:
-    from visgen.tracking import resolve_tracking_uri
-
     uri = resolve_tracking_uri(spec.tracking, spec.workdir)
     lines = [f"artifacts:        {spec.workdir}  (this run: {spec.paths.location('summary.json')})",
              f"quarantine table: {spec.paths.quarantine}",

@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from filelock import FileLock
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -261,8 +262,6 @@ def local_copy(loc: str | Path) -> Path:
     loc = location(loc)
     if not is_url(loc):
         return Path(loc)
-    from filelock import FileLock
-
     sig = listing(loc)
     if not sig:
         raise FileNotFoundError(f"{loc} does not exist (or is an empty prefix)")

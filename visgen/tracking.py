@@ -330,7 +330,7 @@ class Tracker:
         """
         if not self.active:
             return
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow: seconds to import; only a run that logs needs it
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
         new: dict[str, str] = {}
@@ -357,7 +357,7 @@ class Tracker:
         """Log scalar metrics at ``step`` (values are anything ``float()`` accepts: tensors, numpy)."""
         if not self.active:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: seconds to import; only a run that logs needs it
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
@@ -419,7 +419,7 @@ class Tracker:
         """Set run tags (values stringified like params and cut to MLflow's limit; tags may change)."""
         if not self.active:
             return
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # mlflow: seconds to import; only a run that logs needs it
         from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
         items = [RunTag(str(k), param_text(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
@@ -461,7 +461,7 @@ def open_run(cfg: TrackingConfig, uri: str, workdir: str | Path, run_name: str,
     (``client.set_terminated``). For a local store the experiment's artifacts go under
     ``<workdir>/mlartifacts`` (see :func:`is_remote_store`).
     """
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # mlflow: seconds to import; only a run that logs needs it
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH

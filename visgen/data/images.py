@@ -1,4 +1,4 @@
-"""Any image → the model's square: the one conversion that ingest, ``Pipeline`` and Serve share.
+"""Any image → the model's square: the one conversion that ingest, ``Model`` and Serve share.
 
 Training images and the images a served model is shown must be made the same way, pixel for
 pixel, or the model is asked about pictures unlike those it learnt from. So every path calls

@@ -33,7 +33,7 @@ checked against ``max_image_pixels`` and ``min_size`` *before* decoding; EXIF or
 applied; modes L, LA, P, PA, RGBA, CMYK, 1, I, I;16 converted to RGB (alpha composited over
 ``alpha_background``, 16-bit scaled to 8-bit); antialiased bicubic resize and centre crop
 (``resize_mode='crop'``) or letterbox onto ``pad_color`` (``'pad'``) to ``resolution``². The pixel
-steps are :mod:`visgen.data.images`, shared with ``Pipeline`` and Serve (the bundle records
+steps are :mod:`visgen.data.images`, shared with ``Model`` and Serve (the bundle records
 :meth:`IngestConfig.image_prep`, so a served model sees images made as its training images were).
 """
 
@@ -53,17 +53,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from pyarrow import fs as pafs
 from pydantic import Field
+from ray.data.extensions import ArrowTensorArray
 
+from visgen import storage
 from visgen.base import Section
 from visgen.data.images import IMAGE_FORMATS, ImageError, ImagePrep, describe_error, open_image, to_model_square
 from visgen.data.sources import expand_source, split_shards
-from visgen.data.webdataset_source import IMAGE_EXTS, RawSample
+from visgen.data.webdataset_source import IMAGE_EXTS, RawSample, TarShardDatasource
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-    import ray.data
-
     from visgen.text.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -228,7 +231,7 @@ def read_caption(txt: bytes | None, meta: dict | None, cfg: IngestConfig) -> str
 
 
 # -- images -------------------------------------------------------------------------------------
-# The pixels themselves are made by visgen.data.images, the one conversion Pipeline and Serve share;
+# The pixels themselves are made by visgen.data.images, the one conversion Model and Serve share;
 # here only its errors become quarantine reasons.
 
 def decode_image(data: bytes, cfg: IngestConfig) -> np.ndarray:
@@ -315,16 +318,12 @@ def process_samples(samples: Sequence[RawSample], cfg: IngestConfig,
 # -- quarantine table ---------------------------------------------------------------------------
 
 def _quarantine_fs(quarantine_dir: str):
-    from pyarrow import fs as pafs
-
     if "://" in quarantine_dir:
         return pafs.FileSystem.from_uri(quarantine_dir)
     return pafs.LocalFileSystem(), os.path.abspath(quarantine_dir)
 
 
 def _quarantine_schema():
-    import pyarrow as pa
-
     return pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
 
 
@@ -337,10 +336,6 @@ def write_quarantine(rows: list[dict[str, str]], quarantine_dir: str) -> str | N
     """
     if not rows:
         return None
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
-
     digest = hashlib.sha1("\n".join("\t".join(r[c] for c in QUARANTINE_COLUMNS) for r in rows)
                           .encode("utf-8", "backslashreplace")).hexdigest()[:24]
     fs, root = _quarantine_fs(quarantine_dir)
@@ -357,8 +352,6 @@ def write_quarantine(rows: list[dict[str, str]], quarantine_dir: str) -> str | N
 
 
 def _quarantine_files(quarantine_dir: str):
-    from pyarrow import fs as pafs
-
     fs, root = _quarantine_fs(quarantine_dir)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
@@ -369,9 +362,6 @@ def _quarantine_files(quarantine_dir: str):
 
 def quarantine_table(quarantine_dir: str) -> pa.Table:
     """All quarantine rows under ``quarantine_dir``, duplicates removed, sorted by shard, key, reason."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     fs, files = _quarantine_files(quarantine_dir)
     if not files:
         return _quarantine_schema().empty_table()
@@ -401,16 +391,12 @@ def clear_quarantine(quarantine_dir: str) -> int:
 def _tokenizer(path: str) -> TextTokenizer:
     # Loaded once per worker process; Ray reuses workers across tasks. A URL (object store
     # workdir) is read from this node's copy.
-    from visgen import storage
-    from visgen.text.tokenizer import TextTokenizer
+    from visgen.text.tokenizer import TextTokenizer  # tokenizers: only ingest with a text tokenizer loads it
 
     return TextTokenizer.load(storage.local_copy(path))
 
 
 def decoded_to_table(d: Decoded, resolution: int) -> pa.Table:
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
     return pa.Table.from_arrays(
         [pa.array(d.key, pa.string()), pa.array(d.shard, pa.string()), ArrowTensorArray.from_numpy(d.image),
          pa.array(d.caption, pa.string()), pa.array(d.text_ids, pa.list_(pa.int32())), pa.array(d.json, pa.string())],
@@ -425,15 +411,11 @@ def _ingest_batch(batch: pa.Table, cfg: IngestConfig, tokenizer_path: str | None
     write_quarantine(bad, quarantine_dir)
     table = decoded_to_table(good, cfg.resolution)
     if tag is not None:
-        import pyarrow as pa
-
         table = table.append_column(SPLIT_COLUMN, pa.array([tag] * table.num_rows, pa.string()))
     return table
 
 
 def _caption_batch(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
-    import pyarrow as pa
-
     captions = []
     for row in batch.to_pylist():
         s = RawSample.from_row(row)
@@ -448,10 +430,6 @@ def _caption_batch(batch: pa.Table, cfg: IngestConfig) -> pa.Table:
 
 def _read_shards(cfg: IngestConfig, shards: list[str], keep_images: bool,
                  transform: Callable[[pa.Table], pa.Table] | None = None) -> ray.data.Dataset:
-    import ray
-
-    from visgen.data.webdataset_source import TarShardDatasource
-
     source = TarShardDatasource(shards, block_samples=cfg.batch_size, max_member_bytes=cfg.max_member_bytes,
                                 keep_images=keep_images, transform=transform)
     return ray.data.read_datasource(source, num_cpus=cfg.num_cpus)

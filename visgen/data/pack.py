@@ -54,9 +54,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from visgen.base import Section
+from visgen.data.captions import detect_language
 from visgen.data.ingest import (
     NOTICE_REASONS,
     QUARANTINE_REASONS,
@@ -68,6 +72,7 @@ from visgen.data.ingest import (
 )
 from visgen.data.images import IMAGE_FORMATS, load_rgb, open_image
 from visgen.data.webdataset_source import RawSample, write_tar_member
+from visgen.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +203,6 @@ def _list_images(root: Path, skip: set[Path]) -> list[Path]:
 def _language(caption: str, given: Any) -> str:
     if isinstance(given, str) and given.strip():
         return given.strip()
-    from visgen.data.captions import detect_language
-
     return detect_language(caption)
 
 
@@ -375,24 +378,18 @@ def _class_names(schema, column: str) -> list[str] | None:
 
 
 def _is_image_type(t) -> bool:
-    import pyarrow as pa
-
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return True
     return pa.types.is_struct(t) and any(t.field(i).name == "bytes" for i in range(t.num_fields))
 
 
 def _is_text_type(t) -> bool:
-    import pyarrow as pa
-
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _parquet_columns(cfg: PackConfig, schema, where: str) -> tuple[str, str, str | None, list[str] | None]:
-    import pyarrow as pa
-
     cols = list(schema.names)
     types = {n: schema.field(n).type for n in cols}
     described = ", ".join(f"{n!r} ({types[n]})" for n in cols)
@@ -428,8 +425,6 @@ def _parquet_files(src: Path) -> list[Path]:
 
 
 def _plan_parquet(cfg: PackConfig, src: Path) -> Plan:
-    import pyarrow.parquet as pq
-
     files = _parquet_files(src)
     if not files:
         raise PackError(f"SRC {str(src)!r} holds no .parquet files")
@@ -574,8 +569,6 @@ class _ParquetImages:
         self._cells: list[Any] = []
 
     def _open(self, path: str) -> tuple[Any, str, list[int]]:
-        import pyarrow.parquet as pq
-
         if path not in self._files:
             pf = pq.ParquetFile(path)
             column = self.cfg.image_column or _parquet_columns(self.cfg, pf.schema_arrow, path)[0]
@@ -652,9 +645,6 @@ def _judge(s: Planned, key: str, shard: str, cfg: PackConfig, validation: Ingest
 
 def write_shard(cfg: PackConfig, index: int, num_shards: int, samples: list[Planned], sig: str) -> ShardResult:
     """Write shard ``index`` (tar, parquet, stats json) of ``samples`` into ``cfg.output``; a plain function."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(cfg.output)
     name = shard_name(num_shards, index)
     final = out / f"{name}.tar"
@@ -811,10 +801,6 @@ def pack(cfg: PackConfig) -> PackReport:
     inputs (missing SRC, captions naming missing images, unknown columns, nothing to pack, every
     sample quarantined).
     """
-    import ray
-
-    from visgen.runtime import init_ray
-
     t0 = time.perf_counter()
     p = plan(cfg)
     sig = signature(cfg, p)

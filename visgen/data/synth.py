@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import ray
+from PIL import Image
 from pydantic import Field, model_validator
 
 from visgen import storage
@@ -168,8 +170,6 @@ def prompt_suite(per_task: int, *, seed: int = 0, resolution: int = 32, language
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     """JPEG bytes of a uint8 (H, W, 3) image. 4:4:4 chroma: at 32 px, 4:2:0 smears small objects' colours."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
     return buf.getvalue()
@@ -357,8 +357,6 @@ def synthesize(cfg: SynthConfig, overwrite: bool = False) -> SynthReport:
     The caller starts Ray (``ray.init``). Raises :class:`SynthOutputError` when the output holds
     shards from another config, unless ``overwrite=True``.
     """
-    import ray
-
     if not ray.is_initialized():
         raise RuntimeError("synthesize needs a running Ray: call ray.init() (or visgen.runtime.init_ray()) first")
     t0 = time.perf_counter()

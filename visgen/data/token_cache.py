@@ -48,9 +48,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
 from pydantic import Field, ValidationInfo, field_validator
 
 from visgen import storage
@@ -63,13 +66,8 @@ from visgen.data.ingest import (
     clear_quarantine,
     quarantine_summary,
 )
-from visgen.data.sources import shard_signature
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-    import ray.data
-
-    from visgen.train.scaling import Capacity
+from visgen.data.sources import expand_source, shard_signature, split_shards
+from visgen.train.scaling import Capacity, InsufficientResourcesError, cluster_capacity
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +154,6 @@ def resolve_pool(cfg: TokenCacheConfig, capacity: Capacity | None = None, read_c
     both are refused here with the numbers and what to change. ``read_cpus`` is what one read
     task reserves (``ingest.num_cpus``): at least that much is kept free even if ``data_cpus`` is less.
     """
-    from visgen.train.scaling import InsufficientResourcesError, cluster_capacity
-
     cap = capacity if capacity is not None else cluster_capacity()
     notes: list[str] = []
     if cfg.gpus_per_actor == "auto":
@@ -208,16 +204,12 @@ def resolve_pool(cfg: TokenCacheConfig, capacity: Capacity | None = None, read_c
 
 
 def _output_schema() -> pa.Schema:
-    import pyarrow as pa
-
     return pa.schema([("key", pa.string()), ("caption", pa.string()), ("text_ids", pa.list_(pa.int32())),
                       ("image_ids", pa.list_(pa.int32())), ("fingerprint", pa.string())])
 
 
 def _image_ids_array(ids: np.ndarray) -> pa.Array:
     """(B, L) int32 → list<int32> array without a Python loop (offsets 0, L, 2L, ...)."""
-    import pyarrow as pa
-
     b, n = ids.shape
     offsets = pa.array(np.arange(0, (b + 1) * n, n, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int32()))
@@ -231,7 +223,7 @@ class _ImageEncoder:
     """
 
     def __init__(self, image_tokenizer_dir: str, fingerprint: str, use_gpu: bool, precision: str, threads: int):
-        import torch
+        import torch  # torch: only the encoder actors load the image tokenizer
 
         from visgen.models.vq import load_vq
 
@@ -258,8 +250,7 @@ class _ImageEncoder:
         self.fingerprint = fingerprint
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
-        import torch
+        import torch  # torch: only the encoder actors need it
 
         from visgen.models.vq import to_model_input
 
@@ -292,7 +283,7 @@ class _ImageEncoder:
 
 def _image_tokenizer_meta(directory: str | Path) -> dict:
     """``image_tokenizer.json`` of a saved VQ (config + fingerprint), read without loading weights."""
-    from visgen.models.vq import CONFIG_FILE
+    from visgen.models.vq import CONFIG_FILE  # visgen.models.vq imports torch; this reads only its JSON
 
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -417,8 +408,6 @@ def read_token_cache(out_dir: str | Path, split: str = "train",
     interpreted (LM training, evals): a cache from another tokenizer is refused with
     :class:`TokenCacheError` instead of silently training on the wrong codes.
     """
-    import ray
-
     _, path = _check_split(out_dir, split, expect_fingerprint)
     return ray.data.read_parquet(path, columns=list(COLUMNS))
 
@@ -428,7 +417,7 @@ def read_token_rows(out_dir: str | Path, split: str = "train", n: int = 16,
     """The first ``n`` rows of ``split`` as dicts, without Ray (pyarrow only): ``key`` / ``caption`` /
     ``fingerprint`` str, ``text_ids`` and ``image_ids`` int32 numpy arrays (``image_ids`` flat, h*w
     in raster order; the grid is ``cache_manifest(out_dir)["grid"]``)."""
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # pyarrow.dataset (0.4 s): only reading rows back needs it
 
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
@@ -553,8 +542,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def _count_rows(split_dir: Path | str) -> tuple[int, int]:
     """(rows, files) of the parquet files in ``split_dir`` (a local path or a URL), from their footers."""
-    import pyarrow.parquet as pq
-
     fs, root = storage.filesystem(split_dir)
     files = [f"{root}/{f}" for f in storage.listdir(split_dir) if f.endswith(".parquet")]
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files), len(files)
@@ -569,8 +556,6 @@ def _encode_splits(datasets: dict[str, ray.data.Dataset], dest: Path | str, imag
     """Run one encoder pool over the ingest datasets of every split (built with ``tag_split``: each
     row names its split) and write split ``s`` under ``<dest>/<s>``; {split: (rows, files)}. The
     splits go through the pool as one stream, so its actors start (and load the model) once."""
-    import ray.data
-
     parts = list(datasets.values())
     rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     tokens = rows.map_batches(
@@ -611,8 +596,7 @@ def build_token_cache(ingest: IngestConfig, text_tokenizer_path: str | Path, ima
     last, names that build; older builds are deleted after it (a reader holding the previous
     manifest during that instant gets a clear missing-file error, never a mix of two builds).
     """
-    from visgen.data.sources import expand_source, split_shards
-    from visgen.models.vq import VQConfig
+    from visgen.models.vq import VQConfig  # torch, tokenizers: only a build needs them
     from visgen.text.tokenizer import TextTokenizer
 
     t0 = time.perf_counter()

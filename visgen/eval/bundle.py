@@ -1,7 +1,7 @@
 """Evaluate a model bundle: the metrics of :mod:`visgen.eval.generic` on any data; on shapes data
 also GenEval-shapes for text → image and the caption slot benchmark for image → text.
 
-All run through the public :class:`visgen.Pipeline` (what users and the Serve app call), so
+All run through the public :class:`visgen.Model` (what users and the Serve app call), so
 they measure the whole path: prompt → text ids → transformer → codes → VQ decoder → pixels, and
 pixels → VQ encoder → codes → transformer → text. Results are written to
 ``<workdir>/eval/lm.json`` and into the bundle (``eval.json`` + headline numbers in its
@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from visgen.data.captions import detect_language
+from visgen.data.shapes import Scene
+from visgen.data.sources import expand_source, shard_signature, split_shards
+from visgen.eval.captions import caption_metrics
+from visgen.tracking import Tracker
 from visgen.workdir import Workdir
 
 log = logging.getLogger("visgen.eval")
@@ -26,10 +31,7 @@ log = logging.getLogger("visgen.eval")
 def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: str | Path) -> dict:
     """Caption the first ``cfg.samples`` held-out renders, each in the language of its reference
     caption, and score them against their scenes (per language too)."""
-    from visgen.data.captions import detect_language
-    from visgen.data.ingest import build_dataset
-    from visgen.data.shapes import Scene
-    from visgen.eval.captions import caption_metrics
+    from visgen.data.ingest import build_dataset  # Ray Data: only this benchmark reads the held-out split
 
     ds = build_dataset(ingest, None, Workdir(workdir).quarantine, split="holdout").select_columns(["image", "json"])
     rows = ds.take(cfg.samples)
@@ -54,7 +56,8 @@ def caption_holdout(pipe, ingest: Any, cfg: Any, workdir: str | Path) -> dict:
 
 
 def geneval_bundle(pipe, cfg: Any, out_dir: Path, judge=None) -> dict:
-    """The GenEval-shapes benchmark on the pipeline's generator (seeds 0, 1, 2, ... over the run)."""
+    """The GenEval-shapes benchmark on the model's generator (seeds 0, 1, 2, ... over the run)."""
+    # torch, scipy: only the shapes benchmark needs them; importing this module stays light
     from visgen.eval.geneval import evaluate_generator
     from visgen.eval.judge import load_judge
 
@@ -78,8 +81,6 @@ def eval_identity(ingest: Any, geneval: Any, captions: Any, sampling_search: Any
                   shapes: bool = True) -> dict:
     """What an evaluation result depends on besides the model: benchmark settings, held-out data
     and, when the sampling defaults are searched first, that search's settings."""
-    from visgen.data.sources import expand_source, shard_signature, split_shards
-
     shards = expand_source(ingest.source)
     holdout = split_shards(shards, ingest.holdout_shards, "holdout") if ingest.holdout_shards else []
     out = {"resolution": ingest.resolution, "holdout": shard_signature(holdout)}
@@ -126,16 +127,16 @@ def evaluate_bundle(bundle_dir: str | Path, *, ingest: Any, geneval: Any, captio
 
     Results go to ``eval_dir`` (default ``<workdir>/eval``: ``lm.json``, ``geneval/``, ``heldout/``)
     and into the bundle; ``tracking`` logs them to the MLflow run ``run_name``."""
+    # torch: only evaluating loads a model; importing this module stays light
     from visgen.eval.generic import evaluate_heldout, heldout_pairs
-    from visgen.pipeline import Pipeline, write_bundle_eval
-    from visgen.tracking import Tracker
+    from visgen.inference import Model, write_bundle_eval
 
     if not shapes and heldout is None:
         raise ValueError("nothing to evaluate: shapes=False (not shapes data) and no held-out metrics (heldout=None); "
                          "pass heldout=HeldoutEvalConfig() (the spec's eval.heldout)")
     wd = Workdir(workdir)  # a local directory, or the local mirror of an object store workdir
     workdir = wd.url or wd.root
-    pipe = Pipeline.load(bundle_dir, device=device)
+    pipe = Model.load(bundle_dir, device=device)
     t0 = time.perf_counter()
     ev_dir = Path(eval_dir) if eval_dir else wd.eval
     summary: dict[str, Any] = {}

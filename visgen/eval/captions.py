@@ -109,7 +109,7 @@ def reference_captions(scene: Scene, language: str, n: int, seed: int = 0) -> li
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], language: str) -> float:
     """Corpus BLEU (0-100) of hypotheses against per-hypothesis reference lists (equal length)."""
-    import sacrebleu
+    import sacrebleu  # sacrebleu (0.1 s): only scoring needs it, not the CLI reading CaptionEvalConfig
 
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
@@ -121,6 +121,17 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], languag
     streams = [[refs[i] for refs in references] for i in range(k)]      # sacrebleu: one list per reference index
     tokenize = "zh" if language == "zh" else "13a"
     return float(sacrebleu.corpus_bleu(list(hypotheses), streams, tokenize=tokenize, lowercase=language != "zh").score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (0-100, sacrebleu defaults: character 6-grams, whitespace ignored) against one reference each."""
+    import sacrebleu  # sacrebleu (0.1 s): only scoring needs it, not the CLI reading CaptionEvalConfig
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not hypotheses:
+        return float("nan")
+    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -1,7 +1,7 @@
 """Evaluation on any image-text data: numbers that need no judge, no grammar and no downloads.
 
 Computed on the first held-out pairs (image, caption) of ``data.ingest``'s held-out shards, with
-the bundle's own parts (:class:`visgen.Pipeline`'s public attributes):
+the bundle's own parts (:class:`visgen.Model`'s public attributes):
 
 * ``heldout_t2i_loss`` / ``heldout_i2t_loss`` — the training objective on held-out pairs: mean
   next-token cross-entropy (nats) of the image codes given the caption, and of the caption's
@@ -42,9 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field, model_validator
+from sacrebleu.metrics import BLEU
 
 from visgen.base import Section
+from visgen.data.captions import detect_language
+from visgen.eval.captions import chrf
+from visgen.eval.frechet import frechet_from_features
+from visgen.models.gpt import PAD, TASK_I2T, TASK_T2I
+from visgen.models.vq import to_model_input
 from visgen.workdir import Workdir
 
 log = logging.getLogger("visgen.eval")
@@ -80,7 +87,7 @@ class HeldoutEvalConfig(Section):
 # ---------------------------------------------------------------------------------------------
 def heldout_pairs(ingest: Any, workdir: str | Path, n: int) -> tuple[list[np.ndarray], list[str]]:
     """The first ``n`` held-out (image (R, R, 3) uint8, caption) pairs, as ingest makes them."""
-    from visgen.data.ingest import build_dataset
+    from visgen.data.ingest import build_dataset  # Ray Data: only reading the held-out split needs it
 
     ds = build_dataset(ingest, None, Workdir(workdir).quarantine, split="holdout")
     rows = ds.select_columns(["image", "caption"]).take(n)
@@ -111,8 +118,6 @@ def sequence_nll(lm, tokens: torch.Tensor, n_t2i: int) -> tuple[torch.Tensor, to
     Same targets and masks as the loss: t2i rows on their N image codes among the image codes; i2t
     rows on the language token (among the language tokens), the text and ``<eos>`` (pads skipped).
     ``nll.sum() / count.sum()`` per task is the loss the trainer reports for that task."""
-    from visgen.models.gpt import PAD, TASK_I2T, TASK_T2I
-
     b = tokens.shape[0]
     task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
     task[n_t2i:] = TASK_I2T
@@ -143,7 +148,7 @@ def score_pairs(lm, ids: Sequence[Sequence[int]], codes: torch.Tensor, pairs: np
                 cjk: np.ndarray | None, batch_size: int = 64, null: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(nll, count)`` (M,) of M (text index, image index) ``pairs`` as ``task`` ('t2i' / 'i2t')
     sequences; ``null`` scores the images under the null prompt instead of the text (t2i only)."""
-    from visgen.train.lm import assemble
+    from visgen.train.lm import assemble  # the train loop (0.4 s): geneval imports this module for prompt_sheet
 
     if task not in ("t2i", "i2t"):
         raise ValueError(f"task {task!r} is not 't2i' or 'i2t'")
@@ -237,23 +242,10 @@ def retrieval(lm, ids: Sequence[Sequence[int]], codes: torch.Tensor, k: int, *, 
 # ---------------------------------------------------------------------------------------------
 # Captions, Fréchet distance, grid
 # ---------------------------------------------------------------------------------------------
-def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus chrF (0-100, sacrebleu defaults: character 6-grams, whitespace ignored) against one reference each."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    if not hypotheses:
-        return float("nan")
-    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
-
-
 def bleu(hypotheses: Sequence[str], references: Sequence[str], language: str) -> float:
     """Corpus BLEU (0-100) against one reference each: English lower-cased with sacrebleu's ``13a``
     tokenizer, Chinese with its ``zh`` one (a token per character). Effective order: n-gram orders the
     hypotheses do not reach are left out, so that captions shorter than four tokens can score."""
-    from sacrebleu.metrics import BLEU
-
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
@@ -279,8 +271,6 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str], langua
 @torch.no_grad()
 def vq_encoder_features(vq, images: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
     """uint8 images (R, R, 3) → (N, z_channels): the image tokenizer's encoder output, averaged over the grid."""
-    from visgen.models.vq import to_model_input
-
     device = next(vq.parameters()).device
     feats = []
     for i in range(0, len(images), batch_size):
@@ -291,8 +281,6 @@ def vq_encoder_features(vq, images: Sequence[np.ndarray], batch_size: int = 64) 
 
 def frechet_vq_encoder(vq, generated: Sequence[np.ndarray], real: Sequence[np.ndarray], batch_size: int = 64) -> dict:
     """``frechet_vq_encoder`` between two image sets, with what the value depends on."""
-    from visgen.eval.frechet import frechet_from_features
-
     g, r = vq_encoder_features(vq, generated, batch_size), vq_encoder_features(vq, real, batch_size)
     return {"frechet_vq_encoder": frechet_from_features(g, r), "frechet_images": int(len(generated)),
             "frechet_feature_dim": int(g.shape[1])}
@@ -306,8 +294,6 @@ def prompt_sheet(images: Sequence[np.ndarray], labels: Sequence[str], *, notes: 
 
     PIL's built-in font has Latin glyphs only: other scripts show as boxes (the labels travel as
     text beside the picture wherever it is logged)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if not images or len(images) != len(labels):
         raise ValueError(f"need one label per image and at least one image, got {len(images)} images, {len(labels)} labels")
     font = ImageFont.load_default(size=11)
@@ -344,11 +330,9 @@ def prompt_sheet(images: Sequence[np.ndarray], labels: Sequence[str], *, notes: 
 def evaluate_heldout(pipe, images: Sequence[np.ndarray], captions: Sequence[str], cfg: HeldoutEvalConfig,
                      out_dir: str | Path | None = None) -> dict:
     """Every metric of the module docstring on held-out ``(images[i], captions[i])`` with the loaded
-    :class:`visgen.Pipeline` ``pipe``. Flat metric names at the top level; ``caption_examples``,
+    :class:`visgen.Model` ``pipe``. Flat metric names at the top level; ``caption_examples``,
     ``grid_prompts`` and ``seconds`` beside them. With ``out_dir`` the grid is written to
     ``<out_dir>/samples.png`` (``"grid"`` holds its path)."""
-    from visgen.data.captions import detect_language
-
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: pass held-out pairs")
     if len(images) < 2:
@@ -392,8 +376,6 @@ def evaluate_heldout(pipe, images: Sequence[np.ndarray], captions: Sequence[str]
         out.update(frechet_vq_encoder(pipe.vq, drawn, list(images[:n_img]), cfg.batch_size))
         k = min(cfg.grid, n_img)
         if k and out_dir is not None:
-            from PIL import Image
-
             path = Path(out_dir) / "samples.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(prompt_sheet(drawn[:k], prompts[:k])).save(path)

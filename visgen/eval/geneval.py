@@ -29,6 +29,7 @@ Generated images are given either as a Python list of (prompt record, image) or 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import Field
 
 from visgen.base import Section
@@ -386,8 +388,6 @@ def log_to_tracker(result: Mapping, tracker, step: int = 0, prefix: str = "genev
 
 def save_generations(out_dir: str | Path, records: Sequence[Mapping], images: Sequence[np.ndarray]) -> Path:
     """Write generated images in the folder layout :func:`score_folder` reads (PNG, lossless)."""
-    from PIL import Image
-
     if len(records) != len(images):
         raise ValueError(f"got {len(records)} prompt records but {len(images)} images")
     out = Path(out_dir)
@@ -428,8 +428,6 @@ def task_grids(records: Sequence[Mapping], images: Sequence[np.ndarray], verdict
 
 def read_generations(folder: str | Path) -> tuple[list[dict], list[np.ndarray], dict]:
     """Records and images (one record per image) from a folder, plus what was missing or unknown."""
-    from PIL import Image
-
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"generations folder {str(d)!r} does not exist")
@@ -535,8 +533,6 @@ def evaluate_generator(generate: Callable[[list[str]], Sequence[np.ndarray]], ju
     result = score_generations(todo, images, judge, tracker=tracker, step=step)
     if out_dir is not None:
         write_results(result, Path(out_dir) / "results.json")
-        from PIL import Image
-
         # For people: prompt and verdict under each image, one sheet per task (a subfolder, so the
         # folder itself keeps only the scored images).
         grids = Path(out_dir) / "grids"
@@ -549,8 +545,6 @@ def evaluate_generator(generate: Callable[[list[str]], Sequence[np.ndarray]], ju
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m visgen.eval.geneval --write-prompts``: (re)write the committed prompt set file."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m visgen.eval.geneval", description=main.__doc__)
     parser.add_argument("--write-prompts", action="store_true", help="write the versioned prompt set JSONL")
     parser.add_argument("--out", default=str(DEFAULT_PROMPT_SET), help="where to write it")

@@ -53,10 +53,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+from PIL import Image
 from pydantic import Field, model_validator
 from scipy import ndimage
 
-from visgen.base import Section
+from visgen.base import Section, validate_section
 from visgen.data import shapes
 
 log = logging.getLogger("visgen.eval.judge")
@@ -130,8 +131,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str, **overrides: Any) -> JudgeConfig:
     """A named :data:`PRESETS` config with ``overrides`` applied (validated)."""
-    from visgen.base import validate_section
-
     if name not in PRESETS:
         raise ValueError(f"unknown judge preset {name!r}; available: {', '.join(PRESETS)}")
     return validate_section(JudgeConfig, {**PRESETS[name], **overrides}, where=f"judge preset {name!r}")
@@ -330,7 +329,7 @@ def _assign_to_cores(fg: np.ndarray, cores: np.ndarray) -> np.ndarray:
 def torch_threads(n: int):
     """Run torch ops on ``n`` threads, then restore. The judge's network is tiny: on a busy machine
     extra threads cost far more in synchronisation than they gain (30x slower measured on 2 cores)."""
-    import torch
+    import torch  # torch: only the judge's network needs it
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -350,8 +349,6 @@ def crop_inputs(blob: Blob, crop_size: int) -> tuple[np.ndarray, np.ndarray]:
     tall). Downsampling is antialiased (PIL's resize widens its filter), so a 100-px object and an
     8-px one reach the network in comparable form.
     """
-    from PIL import Image
-
     h, w = blob.image_hw
     x0, y0, x1, y1 = blob.bbox
     bw, bh = x1 - x0, y1 - y0
@@ -372,7 +369,7 @@ def crop_inputs(blob: Blob, crop_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def build_net(cfg: JudgeConfig):
     """The shape/size classifier: an MLP over the flattened crop and the scalars."""
-    import torch
+    import torch  # torch: only the judge's network needs it
     from torch import nn
 
     class JudgeNet(nn.Module):
@@ -397,8 +394,6 @@ def build_net(cfg: JudgeConfig):
 
 def encode_decode_jpeg(image: np.ndarray, quality: int, subsampling: int = 0) -> np.ndarray:
     """Round-trip a uint8 image through JPEG (``subsampling`` 0 = 4:4:4 as the shards, 2 = 4:2:0)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
@@ -427,7 +422,7 @@ def match_to_truth(boxes: Sequence[Sequence[float]], truth: Sequence[Sequence[fl
 
     Among admissible pairs the assignment minimises total centre distance (Hungarian).
     """
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # scipy.optimize (0.25 s): only matching boxes needs it
 
     if not len(boxes) or not len(truth):
         return []
@@ -499,7 +494,7 @@ class Judge:
         return self.meta.get("accuracy", {})
 
     def save(self, out_dir: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # torch: only the judge's network needs it
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -514,9 +509,7 @@ class Judge:
 
     @classmethod
     def load(cls, path: str | Path) -> "Judge":
-        from safetensors.torch import load_file
-
-        from visgen.base import validate_section
+        from safetensors.torch import load_file  # torch: only the judge's network needs it
 
         p = Path(path)
         if not (p / WEIGHTS_NAME).is_file() or not (p / META_NAME).is_file():
@@ -533,7 +526,7 @@ class Judge:
 
     # -- judging
     def _classify(self, blobs: list[Blob]):
-        import torch
+        import torch  # torch: only the judge's network needs it
 
         if not blobs:
             return np.zeros((0, self.cfg.hidden), np.float32), np.zeros((0, len(shapes.SHAPES))), np.zeros((0, 2))
@@ -632,7 +625,7 @@ def train_judge(cfg: JudgeConfig, out_dir: str | Path | None = None, measure: bo
 
 
 def _train_judge(cfg: JudgeConfig, out_dir, measure: bool, t0: float) -> Judge:
-    import torch
+    import torch  # torch: only the judge's network needs it
     import torch.nn.functional as F
 
     crops, scalars, shape_y, size_y = _training_crops(cfg)

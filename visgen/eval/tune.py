@@ -23,14 +23,16 @@ what was tried is the curve a user reads (in the bundle manifest, ``eval/lm.json
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from visgen.base import Section
+from visgen.base import Section, replace
 
 log = logging.getLogger("visgen.eval.tune")
 
@@ -86,7 +88,7 @@ class SamplingSearchConfig(Section):
     @field_validator("prompt_seed")
     @classmethod
     def _not_benchmark(cls, v: int) -> int:
-        from visgen.eval.geneval import PROMPT_SET_SEED
+        from visgen.eval.geneval import PROMPT_SET_SEED  # torch, scipy: the CLI reads SamplingSearchConfig from here
 
         if v == PROMPT_SET_SEED:
             raise ValueError(f"seed {v} is the benchmark prompt set's own seed: the search would tune on the benchmark")
@@ -95,7 +97,7 @@ class SamplingSearchConfig(Section):
 
 def validation_prompts(cfg: SamplingSearchConfig) -> list[dict]:
     """The validation prompt records: GenEval-shapes' grammar and rules, another seed and version."""
-    from visgen.eval.geneval import build_prompt_set
+    from visgen.eval.geneval import build_prompt_set  # torch, scipy: the CLI reads SamplingSearchConfig from here
 
     return build_prompt_set(per_task=cfg.prompts_per_task, languages=cfg.languages, seed=cfg.prompt_seed,
                             version=VALIDATION_VERSION)
@@ -139,7 +141,7 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
     Returns ``{"chosen": {cfg_scale, temperature, top_k}, "start": {...}, "validation_overall",
     "trials": [{settings, "overall", "tasks"}...], "prompts", "images", "prompt_set", "seconds"}``.
     """
-    from visgen.eval.geneval import score_generations
+    from visgen.eval.geneval import score_generations  # torch, scipy: the CLI reads SamplingSearchConfig from here
 
     records = validation_prompts(cfg)
     texts = [r["prompt"] for r in records]
@@ -167,8 +169,6 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
 
 def chosen_sampling(base: Any, result: dict) -> Any:
     """``base`` (a ``SamplingConfig``) with the search's chosen values, validated."""
-    from visgen.base import replace
-
     return replace(base, **result["chosen"])
 
 
@@ -183,20 +183,17 @@ def summary_line(result: dict) -> str:
 def tune_bundle(bundle_dir, cfg: SamplingSearchConfig, *, judge: str | None = None, device: str = "auto") -> dict:
     """Run :func:`search_sampling` on a bundle and store the choice as its sampling defaults.
 
-    The manifest's ``sampling`` becomes the chosen setting (what ``Pipeline.load``, the CLI and
+    The manifest's ``sampling`` becomes the chosen setting (what ``Model.load``, the CLI and
     Serve use from then on), ``sampling_spec`` keeps the spec's own section (what the bundle
     stage compares to decide whether a bundle is up to date) and ``sampling_search`` the trials.
     """
-    import json
-    from pathlib import Path
-
-    from visgen.eval.judge import load_judge
-    from visgen.pipeline import MANIFEST, Pipeline, read_manifest
+    from visgen.eval.judge import load_judge  # torch, scipy: the CLI reads SamplingSearchConfig from here
+    from visgen.inference import MANIFEST, Model, read_manifest
 
     d = Path(bundle_dir)
     manifest = read_manifest(d)
     spec_sampling = manifest.get("sampling_spec", manifest.get("sampling"))
-    pipe = Pipeline.load(d, device=device)
+    pipe = Model.load(d, device=device)
     pipe.sampling = pipe.sampling.model_validate(spec_sampling)  # start from the spec, not an earlier choice
     result = search_sampling(pipe, load_judge(judge), cfg)
     manifest["sampling_spec"] = spec_sampling

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
 
 from visgen.base import validate_section
 
@@ -48,8 +49,6 @@ def fingerprint(cfg: BaseModel, state: dict[str, torch.Tensor], skip: Callable[[
 def save_model(model: torch.nn.Module, directory: str | Path, *, name: str, fmt: str, cfg: BaseModel, fp: str,
                extra: dict[str, Any] | None = None) -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` (format, config, fingerprint, ``extra``) into ``directory``."""
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -80,8 +79,6 @@ def load_model(directory: str | Path, build: Callable[[Any], M], cfg_class: type
                what: str, device: str | torch.device = "cpu", old_format_hint: str = "") -> M:
     """Rebuild a model written by :func:`save_model`: ``build(config)`` then the weights (strict),
     checked against the recorded fingerprint (``model.fingerprint()``); in eval mode on ``device``."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     meta = read_meta(d, name=name, fmt=fmt, what=what, old_format_hint=old_format_hint)
     model = build(validate_section(cfg_class, meta.get("config"), where=str(d / f"{name}.json")))

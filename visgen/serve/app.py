@@ -31,19 +31,23 @@ import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
 
+from visgen.base import SpecError, validate_section
 from visgen.data.images import ImagePrep
 from visgen.serve.config import ServeConfig
 from visgen.serve.inputs import (RequestError, body_kind, decode_base64, decode_image, parse_json, parse_multipart,
                                  read_body, request_id, request_models, validate, wants_png)
 from visgen.serve.model import Loader, Probe, VisgenModel
 from visgen.serve.playground import playground_html
+from visgen.tracking import resolve_tracking_uri
 
 log = logging.getLogger("ray.serve")
 
@@ -265,8 +269,6 @@ def http_api(cfg: ServeConfig, find_ingress: Callable[[], Any] | None = None) ->
 def _serve_request_id() -> str | None:
     """Serve's own id of the current request (what its replica logs show), when there is one."""
     try:
-        from ray.serve.context import _get_serve_request_context
-
         return _get_serve_request_context().request_id or None
     except Exception:  # noqa: BLE001 - a private API: absent in some versions
         return None
@@ -311,8 +313,6 @@ def build_app(cfg: ServeConfig, tracking_uri: str | None = None, *, loader: Load
 def _spec_path(path: str) -> str:
     """A relative spec path as given, else relative to the repository holding this package (``serve
     deploy`` builds the app in a process whose working directory is not the repository)."""
-    from pathlib import Path
-
     p = Path(path)
     if p.is_absolute() or p.exists():
         return str(p)
@@ -326,8 +326,6 @@ def app_builder(args: dict) -> serve.Application:
     ``args``: ``pipeline`` (a spec path; its ``serve:`` section and tracking store are used) and
     ``serve`` (field overrides, e.g. ``{"max_batch_size": 8}``).
     """
-    from visgen.base import SpecError, validate_section
-
     args = dict(args or {})
     unknown = set(args) - {"pipeline", "serve", "tracking_uri"}
     if unknown:
@@ -335,8 +333,7 @@ def app_builder(args: dict) -> serve.Application:
     base: dict = {}
     tracking_uri = args.get("tracking_uri")
     if args.get("pipeline"):
-        from visgen.config import load_spec
-        from visgen.tracking import resolve_tracking_uri
+        from visgen.config import load_spec  # the spec imports torch; only an app built from a pipeline file reads one
 
         spec = load_spec(_spec_path(args["pipeline"]))
         section = getattr(spec, "serve", None)

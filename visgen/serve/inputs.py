@@ -20,6 +20,7 @@ import typing
 from typing import Any, AsyncIterator, Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from visgen.data.images import ImageError, ImagePrep, load_rgb, open_image, to_model_square
@@ -168,10 +169,10 @@ def decode_image(data: bytes, limits: ServeLimits, field: str = "image", resolut
                  prep: ImagePrep | None = None) -> np.ndarray:
     """An uploaded image file → uint8 (R, R, 3), made as the model's training images were.
 
-    ``prep``: the served bundle's :class:`ImagePrep` (``Pipeline.image_prep``); with only
+    ``prep``: the served bundle's :class:`ImagePrep` (``Model.image_prep``); with only
     ``resolution``, ingest's defaults at that size (what a bundle without the record was trained
     with); with neither, the upright RGB image at its own size. The pixels come from
-    :mod:`visgen.data.images`, the conversion ingest and ``Pipeline`` use.
+    :mod:`visgen.data.images`, the conversion ingest and ``Model`` use.
 
     Checked in this order: byte size, format (from the header), pixel count (from the header),
     then decoded. Truncated or corrupt files are a 400, never a crash.
@@ -208,8 +209,6 @@ def decode_image(data: bytes, limits: ServeLimits, field: str = "image", resolut
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()

@@ -12,15 +12,15 @@ once more by :class:`Coalescer`. Ray Serve forms a batch as soon as its wait win
 only then queues it for the (single) model, so under load it cuts many small batches that wait
 in line behind the running one (``bench/serve_load.py``: 2.1x over unbatched at 16 clients).
 The coalescer puts every waiting request in one line and, whenever the model is free, runs up to
-``max_batch_size`` of them in one call, which is one :meth:`visgen.Pipeline.generate_many` (or
+``max_batch_size`` of them in one call, which is one :meth:`visgen.Model.generate_many` (or
 ``caption``): requests that share sampling settings run as one forward; image j of a request uses
 seed ``seed + j``, so a response does not depend on what it was batched with. The replica uses
-only the pipeline's public methods and attributes.
+only the model's public methods and attributes.
 
 Hot reload: the replica follows ``model_uri``. For an alias (``models:/visgen@champion``) it
 checks the registry every ``poll_interval_s``; ``reconfigure(user_config)`` (``serve deploy`` with
 a new ``user_config``) switches at once. The new version is loaded next to the old one in a
-thread, then swapped in with one assignment; each batch holds the pipeline it started with, so
+thread, then swapped in with one assignment; each batch holds the model it started with, so
 requests in flight finish on the old version and none fail.
 """
 
@@ -47,7 +47,7 @@ log = logging.getLogger("ray.serve")
 class Served:
     """One loaded model version and what the API reports about it."""
 
-    pipe: Any  # visgen.Pipeline
+    pipe: Any  # visgen.Model
     info: dict = field(default_factory=dict)
     # The transformer's KV cache is module state: one forward at a time per pipeline.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -61,10 +61,11 @@ Probe = Callable[[str, str | None], str | None]
 
 def load_model(model_uri: str, tracking_uri: str | None, device: str) -> tuple[Any, dict]:
     """Load a registered version (``models:/NAME@ALIAS`` or ``models:/NAME/V``) or a bundle directory."""
-    from visgen.pipeline import Pipeline, read_manifest
+    # torch: only a replica loads a model; the ingress imports this module too
+    from visgen.inference import Model, read_manifest, resolve_bundle
 
     if model_uri.startswith("models:/"):
-        from visgen.registry import MODEL_NAME, Registry
+        from visgen.registry import MODEL_NAME, Registry  # mlflow: only registered versions need it
 
         if tracking_uri is None:
             raise ValueError(f"serving {model_uri} needs a tracking URI (the registry's store)")
@@ -75,10 +76,8 @@ def load_model(model_uri: str, tracking_uri: str | None, device: str) -> tuple[A
         info = {"name": name, "version": version.version, "aliases": list(version.aliases),
                 "eval": version.eval, "run_id": version.run_id}
     else:  # a bundle directory, or a bundle in an object store (s3://bucket/run/models/bundle)
-        from visgen.pipeline import resolve_bundle
-
         local = resolve_bundle(model_uri)
-        pipe = Pipeline.load(local, device=device)
+        pipe = Model.load(local, device=device)
         manifest = read_manifest(local)
         info = {"name": model_uri.rstrip("/").rsplit("/", 1)[-1], "version": "local-" + manifest["lm"]["fingerprint"][:12],
                 "aliases": [], "eval": {k: str(v) for k, v in (manifest.get("eval") or {}).items()}, "run_id": None}
@@ -89,7 +88,7 @@ def probe_version(model_uri: str, tracking_uri: str | None) -> str | None:
     """The version an alias URI points at now; None for URIs that cannot move."""
     if not (model_uri.startswith("models:/") and "@" in model_uri) or tracking_uri is None:
         return None
-    from visgen.registry import Registry
+    from visgen.registry import Registry  # torch, mlflow: only alias URIs are probed
 
     name = model_uri[len("models:/"):].split("@")[0]
     return Registry(tracking_uri, name=name).resolve_uri(model_uri).version
@@ -147,7 +146,7 @@ class VisgenModel:
     """Serve deployment body (wrapped by :func:`visgen.serve.app.build_app`)."""
 
     def __init__(self, cfg: dict, tracking_uri: str | None, loader: Loader | None = None, probe: Probe | None = None):
-        import torch
+        import torch  # torch: only a replica needs it; the ingress imports this module too
 
         self.cfg = ServeConfig.model_validate(cfg)
         torch.set_num_threads(max(1, int(self.cfg.model_num_cpus)))
@@ -272,7 +271,7 @@ class VisgenModel:
         return await self._lines["caption"].run(jobs)
 
     def _guarded(self, served: Served, fn, jobs: list[dict]) -> list[dict]:
-        """Run ``fn`` under the pipeline's lock; a failure answers each job with an error, not a dead batch."""
+        """Run ``fn`` under the model's lock; a failure answers each job with an error, not a dead batch."""
         with served.lock:
             try:
                 out = fn(served, jobs)
@@ -288,9 +287,9 @@ class VisgenModel:
 
     @staticmethod
     def _run_generate(served: Served, jobs: list[dict]) -> list[dict]:
-        # Pipeline.generate_many groups the jobs by sampling settings, one forward per group;
+        # Model.generate_many groups the jobs by sampling settings, one forward per group;
         # image j of a job uses seed + j, so an answer does not depend on its batch.
-        from visgen.pipeline import GenerationRequest  # lazy: it imports torch, which the ingress never needs
+        from visgen.inference import GenerationRequest  # lazy: it imports torch, which the ingress never needs
 
         pipe, version = served.pipe, served.info.get("version")
         requests = [GenerationRequest(prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),

@@ -16,6 +16,7 @@ as ordinary bytes, never as the control token: user text cannot inject control t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -83,8 +84,6 @@ class TextTokenizer:
         return self._tok.to_str()
 
     def fingerprint(self) -> str:
-        import hashlib
-
         return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
 
     # -- encoding ------------------------------------------------------------------------------

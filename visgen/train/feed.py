@@ -9,7 +9,9 @@ copy of the next batch to the device one step ahead.
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -228,9 +230,6 @@ class Feed:
 
     def __init__(self, task: TrainTask, env: WorkerEnv, epochs, *, start_step: int, steps: int,
                  start_epoch: int = 0, start_index: int = 0, depth: int = 2):
-        import queue
-        import threading
-
         self.task, self.env, self.epochs = task, env, epochs
         self.start_step, self.steps = start_step, steps
         self.start_epoch, self.start_index = start_epoch, start_index
@@ -243,8 +242,6 @@ class Feed:
 
     # -- feed thread -----------------------------------------------------------------------
     def _put(self, item: Any) -> bool:
-        import queue
-
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -313,8 +310,6 @@ class Feed:
         return FeedItem(item.step, item.epoch, item.index, batch)
 
     def __iter__(self) -> Iterator[FeedItem | EpochEnd]:
-        import queue
-
         staged = self._to_device(self._get())
         while staged is not self._DONE:
             try:  # the next batch, when the thread has it ready, starts its copy before this step runs

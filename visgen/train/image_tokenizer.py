@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,15 @@ import numpy as np
 import torch
 
 from visgen import storage
+from visgen.data.sources import expand_source, split_shards
 from visgen.workdir import Workdir
 from visgen.models.vq import VQConfig, VQLoss, VQModel, load_vq, save_vq, to_model_input, to_uint8
+from visgen.runtime import init_ray
+from visgen.tracking import Tracker, make_grid
+from visgen.train.checkpoint import child
 from visgen.train.config import ScalingConfig, TrainConfig
-from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit
+from visgen.train.loop import (CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, decay_groups, fit,
+                               read_run_progress)
 
 log = logging.getLogger("visgen.train")
 
@@ -88,7 +94,7 @@ class ImageTokenizerTask(TrainTask):
         return logs
 
     def evaluate(self, env: WorkerEnv, batch: dict[str, np.ndarray], step: int) -> EvalResult:
-        from visgen.eval.recon import ReconMetrics
+        from visgen.eval.recon import ReconMetrics  # torchmetrics: only evaluation needs it
 
         images = batch["image"]  # (N, H, W, 3) uint8
         out = self.model(to_model_input(images).to(env.device))  # eval mode: no usage-stat updates
@@ -105,8 +111,6 @@ class ImageTokenizerTask(TrainTask):
 
 def recon_grid(real: np.ndarray, recon: np.ndarray, per_row: int = 8) -> np.ndarray:
     """Rows of up to ``per_row`` originals, each followed by a row of their reconstructions."""
-    from visgen.tracking import make_grid
-
     rows = []
     for i in range(0, len(real), per_row):
         a, b = real[i:i + per_row], recon[i:i + per_row]
@@ -131,7 +135,7 @@ class TokenizerTrainResult:
 
 def _build_split(data: Any, split: str, workdir: Workdir):
     """One split of the ingest output (``data`` is an IngestConfig), images only."""
-    from visgen.data.ingest import IngestConfig, build_dataset
+    from visgen.data.ingest import IngestConfig, build_dataset  # Ray Data: driver only; Train workers import this module
 
     if not isinstance(data, IngestConfig):
         raise TypeError(f"data must be an IngestConfig or a ray.data.Dataset, got {type(data).__name__}")
@@ -141,7 +145,7 @@ def _build_split(data: Any, split: str, workdir: Workdir):
 
 def _datasets(data: Any, holdout: Any, workdir: Workdir):
     """(train, holdout or None) for training: the datasets passed in, or splits of the ingest output."""
-    import ray.data
+    import ray.data  # Ray Data: driver only; Train workers import this module
 
     if isinstance(data, ray.data.Dataset):
         return data, holdout
@@ -161,8 +165,7 @@ def images_size_bound(data: Any, resolution: int) -> int | None:
     is ``resolution``² × 3 bytes. None when ``data`` is not an ingest section or a shard is not a
     local file.
     """
-    from visgen.data.ingest import IngestConfig
-    from visgen.data.sources import expand_source, split_shards
+    from visgen.data.ingest import IngestConfig  # Ray Data: driver only; Train workers import this module
 
     if not isinstance(data, IngestConfig):
         return None
@@ -178,8 +181,6 @@ def images_size_bound(data: Any, resolution: int) -> int | None:
 
 def _shard_samples(path: str) -> int:
     """Samples in a local shard: from its stats file when it has one, else the 1-KiB-per-sample bound."""
-    import os
-
     stats = os.path.splitext(path)[0] + "_stats.json"
     try:
         with open(stats, encoding="utf-8") as f:
@@ -244,10 +245,9 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
     Writes ``<workdir>/eval/image_tokenizer.json`` and logs ``holdout/*`` metrics and that JSON
     to the MLflow run ``run_name`` (the training run, resumed by name).
     """
-    import ray.data
+    import ray.data  # Ray Data, torchmetrics: only evaluation needs them
 
     from visgen.eval.recon import evaluate_reconstruction
-    from visgen.tracking import Tracker
 
     wd = Workdir(workdir)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -255,8 +255,6 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
     if isinstance(data, ray.data.Dataset):
         ds = data
     else:
-        from visgen.runtime import init_ray
-
         init_ray()
         ds = _build_split(data, "holdout", wd)  # SpecError naming holdout_shards when there is none
     t0 = time.perf_counter()
@@ -268,7 +266,7 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
             raise ValueError("the held-out split is empty: nothing to evaluate (check data.ingest's holdout setting)") from None
         raise
     if geneval_ceiling:
-        from visgen.eval.geneval import reconstruction_ceiling
+        from visgen.eval.geneval import reconstruction_ceiling  # scipy: only the GenEval ceiling needs the judge
         from visgen.eval.judge import load_judge
 
         def reconstruct(images: np.ndarray) -> np.ndarray:
@@ -285,9 +283,6 @@ def evaluate_image_tokenizer(model_dir: str | Path, data: Any, *, workdir: str |
     out.write_text(json.dumps(result, indent=2, allow_nan=True), encoding="utf-8")
     wd.push("eval/image_tokenizer.json")
     if tracking is not None:
-        from visgen.train.checkpoint import child
-        from visgen.train.loop import read_run_progress
-
         progress = read_run_progress(child(wd.ray_results, run_name))
         with Tracker.start(tracking, wd.url or wd.root, run_name) as tracker:
             tracker.log_metrics({f"holdout/{k}": v for k, v in metrics.items()

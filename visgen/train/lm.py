@@ -32,10 +32,15 @@ from pydantic import Field
 
 from visgen import storage
 from visgen.base import Section
+from visgen.data.captions import detect_language, slot_accuracy
+from visgen.eval.captions import chrf, parse
 from visgen.workdir import Workdir
-from visgen.models.gpt import EN, LM_FORMAT, PAD, ZH, GPTConfig, Layout, VisGPT, save_gpt
-from visgen.pipeline import SamplingConfig
-from visgen.train.checkpoint import child
+from visgen.models.gpt import EN, LM_FORMAT, PAD, ZH, GPTConfig, Layout, VisGPT, load_gpt, save_gpt
+from visgen.inference import SamplingConfig, caption_codes
+from visgen.models.io import check_fits
+from visgen.models.vq import CONFIG_FILE as VQ_JSON, load_vq, to_uint8
+from visgen.tracking import make_grid
+from visgen.train.checkpoint import child, latest_checkpoint
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.loop import CrashAt, EvalResult, FitResult, Trainable, TrainTask, WorkerEnv, fit
 from visgen.train.task import muon_groups
@@ -96,9 +101,6 @@ def assemble(text_ids: Sequence[Sequence[int]], image_ids: np.ndarray | torch.Te
 def shapes_slot_scores(captions: Sequence[str], truth: Sequence[str], langs: Sequence[str]) -> dict[str, float]:
     """Caption slot accuracy (overall and per language) over the reference captions the shapes caption
     grammar reads in full; ``{}`` when it reads none (not shapes data: a photo's caption has no slots)."""
-    from visgen.data.captions import slot_accuracy
-    from visgen.eval.captions import parse
-
     refs = [parse(t) for t in truth]
     keep = [i for i, (_, in_grammar) in enumerate(refs) if in_grammar]
     if not keep:
@@ -136,7 +138,7 @@ class LMTask(TrainTask):
 
     def _language_table(self) -> np.ndarray | None:
         if self.cjk is None and self.text_tokenizer:
-            from visgen.text.tokenizer import TextTokenizer
+            from visgen.text.tokenizer import TextTokenizer  # tokenizers: visgen.config imports this module
 
             self.cjk = TextTokenizer.load(storage.local_copy(self.text_tokenizer)).script_tables(self.cfg.text_vocab)["cjk"]
         return self.cjk
@@ -146,8 +148,6 @@ class LMTask(TrainTask):
             log.warning("no text tokenizer given: every image -> text row is trained as an English caption (<en>)")
         self.model = VisGPT(self.cfg).to(env.device)
         if self.init_from:  # continue from a trained model; a checkpoint of this run, if any, overrides it
-            from visgen.models.gpt import load_gpt
-
             start = load_gpt(storage.local_copy(self.init_from))
             if start.cfg != self.cfg:
                 raise ValueError(f"cannot start from {self.init_from}: its config differs from lm.model "
@@ -191,8 +191,7 @@ class LMTask(TrainTask):
 
     # -- quick eval ---------------------------------------------------------------------------------
     def _parts(self, env: WorkerEnv):
-        from visgen.models.vq import load_vq
-        from visgen.text.tokenizer import TextTokenizer
+        from visgen.text.tokenizer import TextTokenizer  # tokenizers: visgen.config imports this module
 
         if self._vq is None and self.image_tokenizer_dir:
             self._vq = load_vq(storage.local_copy(self.image_tokenizer_dir), device=env.device)
@@ -201,10 +200,6 @@ class LMTask(TrainTask):
         return self._vq, self._tok
 
     def evaluate(self, env: WorkerEnv, batch: dict[str, np.ndarray], step: int) -> EvalResult:
-        from visgen.data.captions import detect_language
-        from visgen.eval.generic import chrf
-        from visgen.pipeline import caption_codes
-
         m, lay = self.model, self.model.layout
         text, image = list(batch["text_ids"]), _image_matrix(batch["image_ids"])
         n = len(text)
@@ -236,9 +231,6 @@ class LMTask(TrainTask):
                                      for t, lang, p in zip(truth, langs, captions)]
             k = min(self.recipe.eval_images, n)
             if vq is not None and k:
-                from visgen.models.vq import to_uint8
-                from visgen.tracking import make_grid
-
                 s = self.sampling
                 drawn = m.generate_images(torch.tensor([lay.text_region(t) for t in text[:k]], device=env.device),
                                           seeds[:k], cfg_scale=s.cfg_scale, temperature=s.temperature,
@@ -269,7 +261,7 @@ class LMTrainResult:
 
 
 def _eval_batch(cache_dir: Path, n: int) -> dict[str, np.ndarray]:
-    from visgen.data.token_cache import read_token_rows
+    from visgen.data.token_cache import read_token_rows  # Ray Data: visgen.config imports this module
 
     rows = []
     try:
@@ -296,8 +288,6 @@ def retire_stale_run(run_dir: Path | str, inputs: dict) -> Path | str | None:
     checkpoints without a record, from before the record existed), move the run aside
     (``<run>.stale-<time>``, returned) so that training starts afresh instead of resuming weights
     whose token ids mean something else. Records ``inputs`` for the run either way."""
-    from visgen.train.checkpoint import latest_checkpoint
-
     if storage.is_url(run_dir):
         return _retire_stale_remote_run(str(run_dir), inputs)
     run_dir = Path(run_dir)
@@ -325,8 +315,6 @@ def retire_stale_run(run_dir: Path | str, inputs: dict) -> Path | str | None:
 
 def _retire_stale_remote_run(run_dir: str, inputs: dict) -> str | None:
     """:func:`retire_stale_run` for checkpoints in an object store: a copy then a delete (no rename there)."""
-    from visgen.train.checkpoint import latest_checkpoint
-
     record, aside = storage.join(run_dir, RUN_INPUTS), None
     if latest_checkpoint(run_dir) is not None:
         try:
@@ -349,11 +337,9 @@ def _retire_stale_remote_run(run_dir: str, inputs: dict) -> str | None:
 
 def check_compatible(model: GPTConfig, image_tokenizer_dir: str | Path, text_tokenizer: str | Path) -> str:
     """The LM config fits the trained tokenizers (codebook, grid, vocabulary); returns the VQ fingerprint."""
-    from visgen.models.io import check_fits
-    from visgen.models.vq import CONFIG_FILE
-    from visgen.text.tokenizer import TextTokenizer
+    from visgen.text.tokenizer import TextTokenizer  # tokenizers: visgen.config imports this module
 
-    meta = json.loads((Path(image_tokenizer_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    meta = json.loads((Path(image_tokenizer_dir) / VQ_JSON).read_text(encoding="utf-8"))
     vq = meta["config"]
     side = vq["resolution"] // 2 ** (len(vq["ch_mult"]) - 1)
     check_fits(model, codebook_size=vq["codebook_size"], grid=(side, side),
@@ -372,8 +358,8 @@ def train_lm(model: GPTConfig, recipe: LMRecipe, train: TrainConfig, scaling: Sc
     The cache must have been made by the image tokenizer in ``image_tokenizer_dir`` (its
     fingerprint is checked). Exports ``save_gpt`` to ``<workdir>/models/lm``.
     """
-    from visgen.data.token_cache import read_token_cache
-    from visgen.text.tokenizer import TextTokenizer
+    from visgen.data.token_cache import read_token_cache  # Ray Data: visgen.config imports this module
+    from visgen.text.tokenizer import TextTokenizer  # tokenizers: visgen.config imports this module
 
     wd = Workdir(workdir)
     fingerprint = check_compatible(model, image_tokenizer_dir, text_tokenizer)

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from visgen import storage
+from visgen.runtime import init_ray
 from visgen.train.checkpoint import Progress, child, latest_checkpoint, read_progress
 from visgen.train.config import ScalingConfig, TrainConfig
 from visgen.train.feed import resolve_in_memory
@@ -93,7 +94,7 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
     without reading it (see :func:`resolve_in_memory`). Raises ``InsufficientResourcesError`` at
     once when the workers cannot fit.
     """
-    import ray
+    import ray  # ray.train: only the driver's fit needs it; workers import this module too
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -104,8 +105,6 @@ def fit(task: TrainTask, *, train: TrainConfig, scaling: ScalingConfig, run_name
     if tracking is not None and workdir is None:
         raise ValueError("fit: tracking needs the pipeline workdir (where mlflow.db and mlartifacts live)")
     if not ray.is_initialized():
-        from visgen.runtime import init_ray
-
         init_ray()
     resources = resolve_scaling(scaling)  # raises InsufficientResourcesError before anything waits
     world = max(1, resources.num_workers)

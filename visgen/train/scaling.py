@@ -85,7 +85,7 @@ class WorkerResources:
 
     def to_ray(self):
         """The Ray Train V2 ``ScalingConfig`` for this request."""
-        import ray.train
+        import ray.train  # ray.train: only Ray's config needs it; sizing rules stay importable without Ray
 
         if self.local_mode:
             return ray.train.ScalingConfig(num_workers=0, use_gpu=self.use_gpu)
@@ -103,7 +103,7 @@ def cluster_capacity() -> Capacity:
     With an autoscaler (KubeRay, ``ray up``) the node types and their ``max_count`` bound what
     can ever be placed; without one, the live nodes are all there is.
     """
-    import ray
+    import ray  # ray: only sizing against a live cluster needs it
 
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call ray.init() (or visgen's runtime helper) before sizing workers")
@@ -118,7 +118,7 @@ def cluster_capacity() -> Capacity:
 def _autoscaler_groups() -> list[NodeShape]:
     """Node types from the autoscaler's cluster config, or [] when no autoscaler is configured."""
     try:  # private API (the same one Ray Train's own check uses); absent or changed -> no autoscaler info
-        from ray._private.state import state
+        from ray._private.state import state  # ray: only with an autoscaler (private API)
 
         config = state.get_cluster_config()
     except Exception:

@@ -10,6 +10,7 @@ workers), evaluates on a fixed held-out batch and exports the trained model.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from visgen.train.config import TrainConfig
 
@@ -223,10 +225,7 @@ class WorkerEnv:
         """
         if not self.distributed:
             return module.to(self.device)
-        import inspect
-
-        import ray.train.torch
-        from torch.nn.parallel import DistributedDataParallel
+        import ray.train.torch  # ray.train: only a distributed Train worker gets here
 
         if not sync_buffers:  # newer torch renamed the flag; ask the installed one which it takes
             new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters

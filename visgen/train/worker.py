@@ -148,7 +148,7 @@ class WorkerRun:
         and a worker that dies within a second or two of a checkpoint, before Ray's controller
         polled the report: the files are in storage but Ray restarts from the one before.
         """
-        import ray.train
+        import ray.train  # lazy: as in train_worker
 
         env, tc = self.env, self.tc
         local_mode = self.resources.local_mode
@@ -255,7 +255,7 @@ class WorkerRun:
         the interrupted epoch at the batch it had reached (saved in the checkpoint). A stream cannot
         seek: a resumed run starts a fresh pass.
         """
-        import ray
+        import ray  # lazy: as in train_worker
         import ray.train
 
         tc, env, progress, feed_state = self.tc, self.env, self.progress, self.feed_state
@@ -313,7 +313,7 @@ class WorkerRun:
     def checkpoint(self, metrics: Mapping[str, float], feed: dict | None = None) -> Path:
         """Every rank writes its part and reports it (``ray.train.report`` is a collective in V2).
         ``feed``: where the feed stands (kind, epoch, batch index), for an in-memory feed to resume exactly."""
-        import ray.train
+        import ray.train  # lazy: as in train_worker
         from ray.train import Checkpoint
 
         env, tc, progress, run_dir = self.env, self.tc, self.progress, self.run_dir

@@ -1,4 +1,4 @@
-"""visgen.Pipeline and the bundle: load, generate / caption / edit, the CLI commands, MLflow URIs."""
+"""visgen.Model and the bundle: load, generate / caption / edit, the CLI commands, MLflow URIs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 import visgen
 from bundles import make_bundle
-from visgen.pipeline import GenerationRequest, Pipeline, read_manifest
+from visgen.inference import GenerationRequest, Model, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle) -> Pipeline:
-    return visgen.Pipeline.load(bundle, device="cpu")
+def pipe(bundle) -> Model:
+    return visgen.Model.load(bundle, device="cpu")
 
 
 def test_bundle_manifest_records_every_part(bundle):
@@ -157,11 +157,11 @@ def test_mismatched_or_tampered_bundles_are_refused(bundle, tmp_path):
     m["lm"]["fingerprint"] = "0" * 64
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="lm fingerprint"):
-        Pipeline.load(bad)
+        Model.load(bad)
     with pytest.raises(FileNotFoundError, match="not a visgen bundle"):
-        Pipeline.load(tmp_path)
+        Model.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Pipeline.load(tmp_path / "nope")
+        Model.load(tmp_path / "nope")
 
 
 def test_cli_generate_caption_edit(bundle, tmp_path, capsys):
@@ -187,7 +187,7 @@ def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, mo
     import re
 
     from visgen.cli import build_parser, main
-    from visgen.pipeline import CAPTION_LANGUAGES
+    from visgen.inference import CAPTION_LANGUAGES
 
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
@@ -196,13 +196,13 @@ def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, mo
     text = capsys.readouterr().out.split("\t", 1)[1]
     assert not re.search(r"[A-Za-z]", text)
     seen = {}
-    real = Pipeline.caption
+    real = Model.caption
 
     def spy(self, images, **kw):
         seen.update(kw)
         return real(self, images, **kw)
 
-    monkeypatch.setattr(Pipeline, "caption", spy)
+    monkeypatch.setattr(Model, "caption", spy)
     assert main(["caption", str(img), "--bundle", str(bundle), "--language", "en"]) == 0
     assert seen["language"] == "en"
     assert main(["caption", str(img), "--bundle", str(bundle)]) == 0
@@ -222,6 +222,6 @@ def test_load_from_an_mlflow_artifact_uri(bundle, tmp_path, fresh_mlflow_db):
     exp = client.create_experiment("bundles", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(exp)
     client.log_artifacts(run.info.run_id, str(bundle), "bundle")
-    pipe = Pipeline.load(f"runs:/{run.info.run_id}/bundle", device="cpu", tracking_uri=uri)
+    pipe = Model.load(f"runs:/{run.info.run_id}/bundle", device="cpu", tracking_uri=uri)
     assert pipe.info()["lm_fingerprint"] == read_manifest(bundle)["lm"]["fingerprint"]
     assert pipe.generate("a red circle")[0].shape == (16, 16, 3)

@@ -1,12 +1,12 @@
 """The inference API: a model bundle loaded as one object that draws, captions and edits.
 
-    pipe = visgen.Pipeline.load("work/shapes-32/models/bundle")     # or "models:/visgen@champion"
-    images = pipe.generate(["a red circle left of a blue square", "两个绿色的三角形"], n=4, seed=0)
-    texts = pipe.caption(images)                                    # the model picks the language
-    zh = pipe.caption(images, language="zh")                          # or ask for one: "en" / "zh"
-    edited = pipe.edit(images[0], "a red circle left of a yellow square", keep_rows=3)
-    per_request = pipe.generate_many([GenerationRequest("a blue circle", n=2, seed=7),      # independent requests,
-                                      GenerationRequest("a red square", temperature=0.0)])  # batched where they agree
+    model = visgen.Model.load("work/shapes-32/models/bundle")       # or "models:/visgen@champion"
+    images = model.generate(["a red circle left of a blue square", "两个绿色的三角形"], n=4, seed=0)
+    texts = model.caption(images)                                   # the model picks the language
+    zh = model.caption(images, language="zh")                         # or ask for one: "en" / "zh"
+    edited = model.edit(images[0], "a red circle left of a yellow square", keep_rows=3)
+    per_request = model.generate_many([GenerationRequest("a blue circle", n=2, seed=7),     # independent requests,
+                                       GenerationRequest("a red square", temperature=0.0)])  # batched where they agree
 
 A bundle is a directory (an MLflow artifact directory once registered)::
 
@@ -19,7 +19,7 @@ A bundle is a directory (an MLflow artifact directory once registered)::
 
 Loading reads only safetensors and JSON, never a pickle, and checks that the three parts fit
 together (codebook size, token grid, text vocabulary, fingerprints recorded in the manifest).
-Every image a ``Pipeline`` is given (file, bytes, PIL image, array) is made into the model's
+Every image a ``Model`` is given (file, bytes, PIL image, array) is made into the model's
 square by :mod:`visgen.data.images` with the preparation the bundle records, the very
 conversion ingest applied to the training images.
 """
@@ -39,10 +39,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from visgen import __version__, storage
 from visgen.base import Section
 from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
+from visgen.models.gpt import CONFIG_FILE as LM_JSON, WEIGHTS_FILE as LM_WEIGHTS, load_gpt
 from visgen.models.io import check_fits
+from visgen.models.vq import CONFIG_FILE as VQ_JSON, WEIGHTS_FILE as VQ_WEIGHTS, load_vq, to_model_input, to_uint8
 from visgen.tracking import download_artifacts
 
 log = logging.getLogger("visgen")
@@ -63,7 +66,7 @@ class SamplingConfig(Section):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt's share of a :meth:`Pipeline.generate_many` call: ``n`` images of ``prompt``.
+    """One prompt's share of a :meth:`Model.generate_many` call: ``n`` images of ``prompt``.
 
     Image j uses seed ``seed + j``. A sampling setting left ``None`` is the bundle's default
     (:class:`SamplingConfig`); requests whose settings come out the same are drawn together.
@@ -90,10 +93,7 @@ def write_bundle(out_dir: str | Path, *, lm_dir: str | Path, image_tokenizer_dir
     recorded so that every user of the bundle prepares images the same way. Without it the
     bundle's readers assume ingest's defaults.
     """
-    from visgen import __version__
-    from visgen.models.gpt import CONFIG_FILE as LM_JSON, WEIGHTS_FILE as LM_WEIGHTS
-    from visgen.models.vq import CONFIG_FILE as VQ_JSON, WEIGHTS_FILE as VQ_WEIGHTS
-    from visgen.text.tokenizer import TextTokenizer
+    from visgen.text.tokenizer import TextTokenizer  # tokenizers: only writing or loading a bundle reads it
 
     out = Path(out_dir)
     lm_meta = json.loads((Path(lm_dir) / LM_JSON).read_text(encoding="utf-8"))
@@ -169,8 +169,6 @@ def resolve_bundle(source: str | Path, tracking_uri: str | None = None) -> Path:
             raise FileNotFoundError(f"bundle {s!r} does not exist (a bundle directory or an MLflow URI like models:/visgen@champion)")
         return p
     if s.split("://", 1)[0].lower() in OBJECT_STORE_SCHEMES:
-        from visgen import storage
-
         local = storage.local_copy(s)
         if not (local / MANIFEST).is_file():
             raise FileNotFoundError(f"{s} holds no {MANIFEST}: not a model bundle (the pipeline writes one to "
@@ -187,7 +185,7 @@ def resolve_bundle(source: str | Path, tracking_uri: str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipeline object
+# The model object
 # ---------------------------------------------------------------------------------------------
 def _device(device: str | torch.device) -> torch.device:
     if device == "auto":
@@ -195,7 +193,7 @@ def _device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-class Pipeline:
+class Model:
     """Text → image, image → text and editing with one loaded bundle (models in eval mode)."""
 
     def __init__(self, lm, image_tokenizer, text_tokenizer, manifest: dict | None = None,
@@ -211,11 +209,9 @@ class Pipeline:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | Path, device: str | torch.device = "auto", tracking_uri: str | None = None) -> "Pipeline":
+    def load(cls, source: str | Path, device: str | torch.device = "auto", tracking_uri: str | None = None) -> "Model":
         """From a bundle directory or an MLflow URI (``models:/visgen@champion``, ``runs:/<id>/bundle``)."""
-        from visgen.models.gpt import load_gpt
-        from visgen.models.vq import load_vq
-        from visgen.text.tokenizer import TextTokenizer
+        from visgen.text.tokenizer import TextTokenizer  # tokenizers: only writing or loading a bundle reads it
 
         d = resolve_bundle(source, tracking_uri)
         manifest = read_manifest(d)
@@ -272,16 +268,12 @@ class Pipeline:
 
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Images (see :meth:`prepare_images`) → codes (B, N)."""
-        from visgen.models.vq import to_model_input
-
         arr = self.prepare_images(images)  # (B, R, R, 3)
         with torch.no_grad():
             ids = self.vq.encode(to_model_input(arr).to(self.device))  # (B, h, w)
         return ids.flatten(1)
 
     def decode_codes(self, codes: torch.Tensor) -> list[np.ndarray]:
-        from visgen.models.vq import to_uint8
-
         h, w = self.grid
         with torch.no_grad():
             return list(to_uint8(self.vq.decode(codes.view(-1, h, w).to(self.device))))
@@ -324,7 +316,7 @@ class Pipeline:
         groups: dict[tuple, list[int]] = {}  # resolved sampling settings -> request indices
         for i, req in enumerate(requests):
             if not isinstance(req, GenerationRequest):
-                raise TypeError(f"request {i} is a {type(req).__name__}, not a visgen.pipeline.GenerationRequest")
+                raise TypeError(f"request {i} is a {type(req).__name__}, not a visgen.inference.GenerationRequest")
             for name in ("n", "seed"):
                 value = getattr(req, name)
                 if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -398,7 +390,7 @@ class Pipeline:
 def caption_codes(lm, tokenizer, codes: torch.Tensor, seeds: torch.Tensor, language: str | Sequence[str] = "auto",
                   *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
     """Captions of image codes (B, N) by ``lm`` in ``language`` (one, or one per row: "auto" / "en" /
-    "zh"), decoded with ``tokenizer``: what :meth:`Pipeline.caption`, the Serve replica and the
+    "zh"), decoded with ``tokenizer``: what :meth:`Model.caption`, the Serve replica and the
     training's quick eval share. A requested language is forced and its other script blocked."""
     langs = caption_languages(language, codes.shape[0])
     blocked = None
