@@ -482,3 +482,30 @@ def test_code_looks_tie_codes_that_look_alike_and_survive_save_load(tmp_path):
     with pytest.raises(ValueError, match="code_looks=false"):
         plain.set_code_looks(looks)
     assert "code_looks" not in plain.state_dict() and not hasattr(plain, "look_in")
+
+
+def test_tied_embeddings_share_one_matrix_train_it_from_both_ends_and_survive_save_load(tmp_path):
+    torch.manual_seed(0)
+    cfg = gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8,
+                     tie_embeddings=True)
+    m = VisGPT(cfg)
+    assert m.head.weight is m.tok_emb.weight and "head.weight" not in m.state_dict()
+    untied = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    assert m.num_params() == untied.num_params() - untied.head.weight.numel()
+    lay = m.layout
+    image = torch.randint(0, CODES, (2, 16), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([lay.t2i(_texts(m, 2), image), lay.i2t(image, _texts(m, 2))])
+    loss, _ = m.loss(seq, n_t2i=2)
+    loss.backward()
+    grad = m.tok_emb.weight.grad
+    # t2i scores image codes through the head: the rows of codes never fed in still get a gradient
+    unseen = sorted(set(range(CODES)) - set(image.flatten().tolist()))
+    assert unseen and grad[[TEXT_VOCAB + c for c in unseen]].abs().sum() > 0
+    m.eval()
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm").eval()
+    assert back.head.weight is back.tok_emb.weight
+    with torch.no_grad():
+        assert torch.equal(back.loss(seq, n_t2i=2)[0], m.loss(seq, n_t2i=2)[0])
+    # an untied model's files keep their fingerprint: the new field is left out at its default
+    assert "tie_embeddings" not in untied.cfg.model_dump(exclude_defaults=True)

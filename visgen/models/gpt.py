@@ -85,6 +85,9 @@ class GPTConfig(Section):
         "Add to each image code's input embedding and output-head row a learned projection of what the code "
         "looks like (its decoded patch as 4x4 RGB, from the image tokenizer): codes that look alike start "
         "alike, so the many rarely seen codes learn from the common ones."))
+    tie_embeddings: bool = Field(False, description=(
+        "Use the input embedding table as the output head (one matrix): what t2i learns about which code "
+        "to draw and i2t about which word to write shapes the embeddings the other direction reads."))
     # --- vocabulary and layout (derived from the other components in a pipeline spec) -----
     text_vocab: int = Field(16384, ge=len(SPECIAL_TOKENS) + 1, le=1 << 20,
                             description="Text ids [0, text_vocab) incl. the specials; = text_tokenizer.vocab_size.")
@@ -380,6 +383,19 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+class _TiedHead(nn.Module):
+    """The output head of ``tie_embeddings``: ``weight`` is the embedding table's, held outside the
+    module tree so the state dict (and the safetensors file) stores the matrix once, as ``tok_emb``."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._tied = [embedding]  # a list: not registered as a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._tied[0].weight
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +412,7 @@ class VisGPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d)
-        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.head = _TiedHead(self.tok_emb) if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.code_looks:  # filled by set_code_looks() from the image tokenizer, saved with the weights
             self.register_buffer("code_look", torch.zeros(cfg.codebook_size, LOOK_DIM))
             self.look_in = nn.Linear(LOOK_DIM, d, bias=False)
@@ -756,7 +772,7 @@ class VisGPT(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 of the config and every weight."""
-        return fingerprint(self.cfg, self.state_dict(), late_fields=("code_looks",))
+        return fingerprint(self.cfg, self.state_dict(), late_fields=("code_looks", "tie_embeddings"))
 
 
 # ---------------------------------------------------------------------------------------------
