@@ -509,3 +509,40 @@ def test_tied_embeddings_share_one_matrix_train_it_from_both_ends_and_survive_sa
         assert torch.equal(back.loss(seq, n_t2i=2)[0], m.loss(seq, n_t2i=2)[0])
     # an untied model's files keep their fingerprint: the new field is left out at its default
     assert "tie_embeddings" not in untied.cfg.model_dump(exclude_defaults=True)
+
+
+def test_pooled_condition_reaches_every_output_slot_stays_causal_and_decodes_as_recomputed(tmp_path):
+    torch.manual_seed(0)
+    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8,
+                          pooled_condition=True))
+    with torch.no_grad():
+        m.head.weight.mul_(20)
+        m.cond_proj.weight.mul_(50)  # large enough that the pooled path decides the samples
+    m.eval()
+    lay = m.layout
+    image = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(1))
+    t2i = torch.full((3,), TASK_T2I)
+    # The pooled prompt is added from <soi> on: changing only the text moves the output at <soi> even
+    # with the attention blocks removed from the path (the embedding alone carries it).
+    other = _texts(m).flip(0)
+    x = m.embed(lay.t2i(_texts(m), image), torch.arange(lay.length), t2i, m.condition(lay.t2i(_texts(m), image), t2i))
+    y = m.embed(lay.t2i(other, image), torch.arange(lay.length), t2i, m.condition(lay.t2i(other, image), t2i))
+    assert not torch.allclose(x[0, lay.t2i_soi], y[0, lay.t2i_soi])
+    # Causal: the condition depends on the condition region only, not on the codes being predicted.
+    shuffled = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(m.condition(lay.t2i(_texts(m), image), t2i), m.condition(lay.t2i(_texts(m), shuffled), t2i))
+    i2t = torch.full((3,), TASK_I2T)
+    torch.testing.assert_close(m.condition(lay.i2t(image, _texts(m)), i2t), m.condition(lay.i2t(image, other), i2t))
+    # <pad> does not dilute the prompt: [12 <eos> <pad>...] pools the embeddings of 12 and <eos> only
+    one = torch.tensor([lay.text_region([12])])
+    want = m.cond_proj((m.tok_emb.weight[12] + m.tok_emb.weight[EOS]) / 2)
+    torch.testing.assert_close(m.condition(lay.t2i(one, image[:1]), t2i[:1])[0], want)
+    # The KV-cache decode adds the condition the prefill pooled: samples equal full recomputation.
+    seeds = torch.tensor([5, 6, 7])
+    a = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0)
+    b = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, use_cache=False)
+    assert torch.equal(a, b)
+    assert m.generate_text(image, seeds, temperature=1.0) == m.generate_text(image, seeds, temperature=1.0, use_cache=False)
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm")
+    assert torch.equal(back.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)

@@ -88,6 +88,10 @@ class GPTConfig(Section):
     tie_embeddings: bool = Field(False, description=(
         "Use the input embedding table as the output head (one matrix): what t2i learns about which code "
         "to draw and i2t about which word to write shapes the embeddings the other direction reads."))
+    pooled_condition: bool = Field(False, description=(
+        "Add a learned projection of the condition's mean token embedding (the prompt's words in text -> image, "
+        "the picture's codes in image -> text) to every position after the condition: each output slot sees "
+        "the whole condition from the first layer on, before attention has learned where to look for it."))
     # --- vocabulary and layout (derived from the other components in a pipeline spec) -----
     text_vocab: int = Field(16384, ge=len(SPECIAL_TOKENS) + 1, le=1 << 20,
                             description="Text ids [0, text_vocab) incl. the specials; = text_tokenizer.vocab_size.")
@@ -276,7 +280,7 @@ class DecodeState(nn.Module):
     the compiled step updates them in place, so a token needs no host input and a CUDA graph can
     replay the step. One per batch of ``rows`` sequences, reused while the row count fits."""
 
-    def __init__(self, rows: int, length: int, text_vocab: int, device):
+    def __init__(self, rows: int, length: int, text_vocab: int, width: int, device):
         super().__init__()
         long = dict(dtype=torch.long, device=device)
         f32 = dict(dtype=torch.float32, device=device)  # sampling values: the logits are sampled in fp32
@@ -292,6 +296,7 @@ class DecodeState(nn.Module):
             "forced": torch.zeros(rows, **long),  # (B,) captions: the requested language token, -1 = the model's choice
             "blocked": torch.zeros(rows, text_vocab, dtype=torch.bool, device=device),  # (B, V_text) captions
             "done": torch.zeros(rows, dtype=torch.bool, device=device),  # (B,) captions: <eos> written
+            "cond": torch.zeros(rows, width, **f32),  # (B', d) pooled_condition: VisGPT.condition of each row
         }.items():
             self.register_buffer(name, t, persistent=False)
 
@@ -413,6 +418,8 @@ class VisGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d)
         self.head = _TiedHead(self.tok_emb) if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.pooled_condition:
+            self.cond_proj = nn.Linear(d, d, bias=False)
         if cfg.code_looks:  # filled by set_code_looks() from the image tokenizer, saved with the weights
             self.register_buffer("code_look", torch.zeros(cfg.codebook_size, LOOK_DIM))
             self.look_in = nn.Linear(LOOK_DIM, d, bias=False)
@@ -425,6 +432,8 @@ class VisGPT(nn.Module):
         slot[TASK_I2T, lay.i2t_image] = torch.arange(n)
         self.register_buffer("image_slot", slot, persistent=False)
         self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
+        # Per task: the first slot after the condition (t2i: <soi>, i2t: <eoi>), where pooled_condition adds it.
+        self.register_buffer("cond_from", torch.tensor([lay.t2i_soi, lay.i2t_eoi]), persistent=False)
         # Text positions may emit any text id and <eos>, never another special; the language slot
         # (the first i2t text slot) only a language token.
         blocked = torch.zeros(cfg.text_vocab, dtype=torch.bool)
@@ -484,8 +493,21 @@ class VisGPT(nn.Module):
         return 6 * body + 12 * self.cfg.n_layer * d * lay.length + head
 
     # -- forward ----------------------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """(B, s) ids at slots ``positions`` (s,) of layout ``task`` (B,) → (B, s, d)."""
+    def condition(self, tokens: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """``pooled_condition``: sequences (B, >= the condition's end) → (B, d), the projected mean
+        embedding of each row's condition: the prompt's tokens other than ``<pad>`` (the null prompt
+        is its ``<null>``) on t2i rows, the picture's codes on i2t rows."""
+        lay = self.layout
+        text = tokens[:, lay.t2i_text]
+        keep = (text != PAD).unsqueeze(-1).to(self.tok_emb.weight.dtype)
+        words = (self.tok_emb(text) * keep).sum(1) / keep.sum(1).clamp(min=1)
+        codes = self.tok_emb(tokens[:, lay.i2t_image]).mean(1)
+        return self.cond_proj(torch.where((task == TASK_T2I)[:, None], words, codes))
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor,
+              cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, s) ids at slots ``positions`` (s,) of layout ``task`` (B,) → (B, s, d); ``cond`` (B, d),
+        :meth:`condition`, is added at the slots after the condition."""
         n = self.layout.n_image
         w = self.cfg.grid[1]
         cells = torch.arange(n, device=tokens.device)
@@ -498,12 +520,17 @@ class VisGPT(nn.Module):
             code = (tokens - tv).clamp(0, k - 1)
             is_image = ((tokens >= tv) & (tokens < tv + k))[..., None]
             x = x + F.embedding(code, self.look_in(self.code_look.to(x.dtype))) * is_image
-        return self.drop(x + self.pos_emb(positions) + cell[slot])
+        x = x + self.pos_emb(positions) + cell[slot]
+        if cond is not None:
+            after = (positions[None] >= self.cond_from[task][:, None]).unsqueeze(-1)  # (B, s, 1)
+            x = x + cond[:, None].to(x.dtype) * after
+        return self.drop(x)
 
     def hidden(self, tokens: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Full causal pass over whole sequences (B, L) → final-norm hidden states (B, L, d)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens, positions, task)
+        cond = self.condition(tokens, task) if self.cfg.pooled_condition else None
+        x = self.embed(tokens, positions, task, cond)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -611,7 +638,8 @@ class VisGPT(nn.Module):
 
     def forward_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, s) at slots ``input_pos`` (s,) through the cache → hidden (B, s, d)."""
-        x = self.embed(tokens, input_pos, task)
+        cond = self.decode_state.cond if self.cfg.pooled_condition else None  # set by _decode's prefill
+        x = self.embed(tokens, input_pos, task, cond)
         mask = self.causal[input_pos][None, None]  # (1, 1, s, L): each new token sees itself and the past
         for block in self.blocks:
             x = block(x, input_pos, mask)
@@ -668,7 +696,7 @@ class VisGPT(nn.Module):
     def _decode_state(self, rows: int, device) -> DecodeState:
         st = self.decode_state
         if st is None or not st.fits(rows, device):
-            self.decode_state = st = DecodeState(rows, self.layout.length, self.cfg.text_vocab, device)
+            self.decode_state = st = DecodeState(rows, self.layout.length, self.cfg.text_vocab, self.cfg.d_model, device)
         return st
 
     def _decode(self, emit, step, start: int, n_tokens: int, use_cache: bool, plan: dict,
@@ -677,6 +705,8 @@ class VisGPT(nn.Module):
         ``seq[:, :start + 1]`` gives the first, ``step`` each further one. Without the cache every
         token reruns the whole causal forward (the reference path the cache is tested against)."""
         st = self.decode_state
+        if self.cfg.pooled_condition:  # the condition lies wholly before ``start``
+            st.cond.copy_(self.condition(st.seq, st.task))
         if use_cache:
             self.setup_cache(st.seq.shape[0])
             prompt = st.seq[:, : start + 1]
@@ -772,7 +802,7 @@ class VisGPT(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 of the config and every weight."""
-        return fingerprint(self.cfg, self.state_dict(), late_fields=("code_looks", "tie_embeddings"))
+        return fingerprint(self.cfg, self.state_dict(), late_fields=("code_looks", "tie_embeddings", "pooled_condition"))
 
 
 # ---------------------------------------------------------------------------------------------
