@@ -116,3 +116,18 @@ def test_spec_objects_are_immutable():
     with pytest.raises(Exception):
         spec.data.ingest.resolution = 8
     assert isinstance(spec, PipelineSpec)
+
+
+@pytest.mark.parametrize("key, value, line", [
+    ("lm.model.pooled_condition", "maybe", "lm.model.pooled_condition: 'maybe' is not allowed: Input should be a valid boolean"),
+    ("lm.model.preset", "huge", "lm.model.preset: 'huge' is not allowed: choose one of"),
+    ("eval.sampling_search.prompts_per_task", 0, "eval.sampling_search.prompts_per_task: 0 is not allowed"),
+])
+def test_a_sections_own_check_is_reported_alone_not_with_the_whole_spec(key, value, line):
+    # These checks run inside the spec's composition; the message is the header and the one line
+    # naming the field, without the enclosing mapping pydantic would attach to it.
+    with pytest.raises(SpecError) as err:
+        load_spec("pipelines/shapes-tiny.yaml", {key: value})
+    head, *rest = str(err.value).splitlines()
+    assert head == "invalid spec 'pipelines/shapes-tiny.yaml':"
+    assert len(rest) == 1 and rest[0].startswith(line), str(err.value)

@@ -41,7 +41,12 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         value = e.get("input")
-        if e["type"] == "extra_forbidden":
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecError):
+            # A section's own check raised inside a validator already names its fields and values;
+            # pydantic would otherwise report it against the whole enclosing mapping.
+            lines.append(str(cause).split(":\n", 1)[-1])
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the spec reference in README.md")
         elif e["type"] == "missing":
             lines.append(f"{path}: required field is missing")
