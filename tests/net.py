@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -26,3 +27,27 @@ def stop_group(proc: subprocess.Popen, timeout: float = 60) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def ray_logs(temp_dir: str) -> str:
+    """A Ray node's `ray start` output (``ray-start.log``, where the tests write it) and its GCS and
+    raylet logs, each cut to its start (a crash's reason) and end, for a failure message."""
+    root = Path(temp_dir)
+    parts = []
+    for path in [root / "ray-start.log", *sorted(root.glob("session_latest/logs/gcs_server.*")),
+                 *sorted(root.glob("session_latest/logs/raylet.*"))]:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if len(text) > 2500:  # a crash puts its reason first and a stack trace after it
+            text = f"{text[:1200]}\n[...]\n{text[-1200:]}"
+        parts.append(f"--- {path.relative_to(root)}\n{text}")
+    return "\n".join(parts) or f"(no logs in {temp_dir})"
+
+
+def gcs_crashed(temp_dir: str) -> bool:
+    """Whether the GCS of the head started with ``temp_dir`` died on a failed check, for example
+    because a port found free was taken before it bound it; its `ray start --block` keeps waiting."""
+    return any("Check failed" in p.read_text(errors="replace")
+               for p in Path(temp_dir).glob("session_latest/logs/gcs_server.err"))

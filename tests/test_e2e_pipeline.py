@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from net import free_port, stop_group
+from net import free_port, gcs_crashed, ray_logs, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -58,15 +58,15 @@ def plant_bad_shards(bad_dir: Path, good_shard: Path) -> dict[str, str]:
 
 
 @contextmanager
-def ray_head():
+def ray_head(attempts: int = 3):
     """A separate Ray head (own ports and temp dir) in --block mode: stopping it stops only this
-    cluster, never the test session's own Ray instance. Yields the job address and environment, and
-    ``wait_ready()``: the head starts in the background, so the caller can do other work while it
-    comes up."""
+    cluster, never the test session's own Ray instance. Yields a dict with the job ``address``, the
+    ``env`` to run the CLI in, and ``wait_ready()``: the head starts in the background, so the caller
+    can do other work while it comes up. A port found free can be taken before the head binds it; a
+    head whose GCS died of that is stopped, its logs printed, and a new one started on other ports
+    (``address`` and ``env`` then change, so read them after ``wait_ready()``)."""
     import requests
 
-    temp_dir = tempfile.mkdtemp(prefix="vg-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    gcs, dash, agent, client = (free_port() for _ in range(4))
     # A loopback-only test cluster: token authentication off for the head and the CLI alike (Ray
     # 2.60 otherwise turns it on and the CLI needs the token; the README says how on a real cluster).
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -77,40 +77,61 @@ def ray_head():
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-         # every fixed default port moved, so this head can run beside any other Ray on the machine
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    run_env = {**env, "RAY_ADDRESS": address}
+    head: dict = {"procs": []}
+
+    def start() -> None:
+        temp_dir = tempfile.mkdtemp(prefix="vg-ray-")  # short: Ray's socket paths must fit in 107 bytes
+        gcs, dash, agent, client = (free_port() for _ in range(4))
+        with open(Path(temp_dir) / "ray-start.log", "w") as log:
+            proc = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                 f"--temp-dir={temp_dir}",
+                 # every fixed default port moved, so this head can run beside any other Ray on the machine
+                 f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+                 "--disable-usage-stats"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        head.update(proc=proc, temp_dir=temp_dir, address=f"http://127.0.0.1:{dash}",
+                    env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"})
+        head["procs"].append((proc, temp_dir))
 
     def wait_ready() -> None:
         """Until the job API answers (what `ray job list` asks: /api/version, then /api/jobs/), polled
         over HTTP from here: a `ray job list` per probe costs ~3 s of CPU the starting head needs."""
+        failures: list[str] = []
         deadline, last = time.time() + 180, ""
         while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            proc, temp_dir = head["proc"], head["temp_dir"]
+            if proc.poll() is not None or gcs_crashed(temp_dir):
+                state = f"exited with {proc.returncode}" if proc.poll() is not None else "lost its GCS"
+                failures.append(f"the Ray head {state}:\n{ray_logs(temp_dir)}")
+                print(failures[-1], flush=True)
+                stop_group(proc, timeout=5)  # a `ray start` whose GCS died takes ~40 s to give up on SIGTERM
+                if len(failures) >= attempts:
+                    pytest.fail("\n".join(failures))
+                start()
+                deadline = time.time() + 180
+                continue
             try:
-                version = requests.get(f"{address}/api/version", timeout=10)
-                jobs = requests.get(f"{address}/api/jobs/", timeout=10) if version.status_code == 200 else version
+                version = requests.get(f"{head['address']}/api/version", timeout=10)
+                jobs = requests.get(f"{head['address']}/api/jobs/", timeout=10) if version.status_code == 200 else version
                 if jobs.status_code == 200 and isinstance(jobs.json(), list):
                     return
                 last = f"{jobs.status_code}: {jobs.text[-2000:]}"
             except (requests.RequestException, ValueError) as err:
                 last = repr(err)
             if time.time() > deadline:
-                pytest.fail(f"the Ray head's job API never came up: {last}")
+                pytest.fail(f"the Ray head's job API never came up: {last}\n{ray_logs(temp_dir)}")
             time.sleep(0.5)
 
+    head["wait_ready"] = wait_ready
+    start()
     try:
-        yield {"address": address, "env": run_env, "wait_ready": wait_ready}
+        yield head
     finally:
-        stop_group(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for proc, temp_dir in head["procs"]:
+            stop_group(proc)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _jpeg() -> bytes:

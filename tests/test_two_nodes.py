@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from net import free_port, stop_group
+from net import free_port, gcs_crashed, ray_logs, stop_group
 from visgen import storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,33 +52,68 @@ def ray_node(name: str, head_port: int, head: bool):
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     args += (["--head", f"--port={head_port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
              if head else [f"--address=127.0.0.1:{head_port}"])
-    log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "w") as log:
+    with open(Path(temp_dir) / "ray-start.log", "w") as log:
         proc = subprocess.Popen(args, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:
         time.sleep(0.5)
         if proc.poll() is not None:
-            pytest.fail(f"`ray start` of {name} exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+            pytest.fail(f"`ray start` of {name} exited with {proc.returncode}:\n{ray_logs(temp_dir)}")
         yield proc, temp_dir
     finally:
         stop_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def wait_for_nodes(head_port: int, names: set[str], timeout: float = 180) -> None:
-    """Until the cluster has a live node holding each named resource."""
+def listening(port: int, proc: subprocess.Popen, temp_dir: str, timeout: float) -> bool:
+    """Whether the head's GCS port accepts connections within ``timeout`` s. False at once when its
+    `ray start` exited or its GCS crashed (`ray start` itself keeps waiting for a GCS that died)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            pass
+        if gcs_crashed(temp_dir):
+            return False
+        time.sleep(0.5)
+    return False
+
+
+@contextmanager
+def head_node(attempts: int = 3, timeout: float = 60):
+    """The head node on a fresh port, yielding (port, process, temp dir) once its GCS listens.
+
+    A port found free can be taken again before the GCS binds it (the suite's own Ray instance and
+    servers open connections all the time), and a head whose GCS does not come up cannot be
+    recovered: such a head is stopped, its logs printed, and a new one started on another port."""
+    failures = []
+    for _ in range(attempts):
+        port = free_port()
+        with ray_node("nodeA", port, head=True) as (proc, temp_dir):
+            if listening(port, proc, temp_dir, timeout):
+                yield port, proc, temp_dir
+                return
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else "not listening"
+            failures.append(f"head on port {port} {state}:\n{ray_logs(temp_dir)}")
+            print(failures[-1], flush=True)
+            stop_group(proc, timeout=5)  # a `ray start` whose GCS died takes ~40 s to give up on SIGTERM
+    pytest.fail(f"no head node came up in {attempts} tries:\n" + "\n".join(failures))
+
+
+def wait_for_nodes(head_port: int, names: set[str], nodes: list[tuple[subprocess.Popen, str]],
+                   timeout: float = 180) -> None:
+    """Until the cluster has a live node holding each named resource; fails at once, with the node's
+    logs, when one of ``nodes`` (process, temp dir) has exited."""
     code = ("import json, ray\nray.init(logging_level='ERROR')\n"
             "print(json.dumps(sorted(k for n in ray.nodes() if n['Alive'] for k in n['Resources'])))")
     env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{head_port}"}
     deadline, last = time.time() + timeout, ""
-    while time.time() < deadline:  # the head's GCS port first: a driver started before it waits long
-        try:
-            socket.create_connection(("127.0.0.1", head_port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
     while time.time() < deadline:
+        for proc, temp_dir in nodes:
+            if proc.poll() is not None:
+                pytest.fail(f"`ray start` in {temp_dir} exited with {proc.returncode}:\n{ray_logs(temp_dir)}")
         try:
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
         except subprocess.TimeoutExpired as err:
@@ -88,7 +123,8 @@ def wait_for_nodes(head_port: int, names: set[str], timeout: float = 180) -> Non
             return
         last = out.stdout[-500:] + out.stderr[-1500:]
         time.sleep(1)
-    pytest.fail(f"nodes {sorted(names)} never joined the cluster: {last}")
+    logs = "\n".join(ray_logs(temp_dir) for _, temp_dir in nodes)
+    pytest.fail(f"nodes {sorted(names)} never joined the cluster: {last}\n{logs}")
 
 
 def raylet_pid(temp_dir: str) -> int:
@@ -119,24 +155,26 @@ def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path, s3):
 
     # The work directory is in the S3 bucket: the shards, the checkpoints both nodes write and read
     # back (RunConfig.storage_path) and the exported model; nothing is shared through a local disk.
-    work, port = f"s3://{s3.bucket()}/run", free_port()
-    env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "VISGEN_CACHE_DIR": str(tmp_path / "cache")}
+    work = f"s3://{s3.bucket()}/run"
     common = ["--pipeline", "pipelines/shapes-tiny.yaml", "--workdir", work]
     train = ["jobs/train_tokenizer.py", *common, "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
              "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--log-every", str(EVERY),
              "--max-failures", "2"]
     run_dir = f"{work}/ray_results/image_tokenizer"
     with ExitStack() as stack:
-        stack.enter_context(ray_node("nodeA", port, head=True))
-        wait_for_nodes(port, {"nodeA"})
+        port, *head_node_ = stack.enter_context(head_node())
+        head = tuple(head_node_)
+        env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "VISGEN_CACHE_DIR": str(tmp_path / "cache")}
+        wait_for_nodes(port, {"nodeA"}, [head])
         phase("head up")
-        _, temp_b = stack.enter_context(ray_node("nodeB", port, head=False))
+        node_b = stack.enter_context(ray_node("nodeB", port, head=False))
+        temp_b = node_b[1]
         # the shards while node B joins: the synth job needs the head only
         out = subprocess.run([sys.executable, "jobs/synth.py", *common], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         phase("synth job done")
-        wait_for_nodes(port, {"nodeA", "nodeB"})
+        wait_for_nodes(port, {"nodeA", "nodeB"}, [head, node_b])
         phase("second node joined")
 
         job = subprocess.Popen([sys.executable, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE,
