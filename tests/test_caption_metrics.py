@@ -78,6 +78,19 @@ def test_out_of_grammar_captions_are_scanned_leniently():
     assert empty["slot_accuracy"] == 0.0 and empty["faithful"] == 0.0
 
 
+@pytest.mark.parametrize("text,first", [("Three orange crosses below a star.", "cross"),
+                                        ("一个五角星的下面有三个三角形。", "star")])
+def test_a_caption_relating_a_group_is_out_of_grammar_not_a_crash(text, first):
+    # A sampled caption can put a count into a relation frame; no scene has such a relation, so
+    # the strict parse refuses it and the lenient one keeps its objects without the relation.
+    with pytest.raises(grammar.CaptionParseError, match="is not in the"):
+        grammar.parse_caption(text, strict=True)
+    prompt, in_grammar = parse(text)
+    assert not in_grammar and prompt.relation is None and prompt.objects[0].shape == first
+    scene = shapes.scene_for_prompt(Prompt((ObjectSlot("cross", 3, "orange"),)), 1, task="counting")
+    assert caption_metrics([text], [scene.with_caption("three orange crosses", "en")])["parsed"] == 0.0
+
+
 def test_slot_checks_add_up_to_the_grammar_slot_accuracy():
     rng = np.random.default_rng(0)
     for i in range(300):

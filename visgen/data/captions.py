@@ -373,7 +373,10 @@ def parse_caption(text: str, strict: bool = True) -> Prompt:
         if m.re.groupindex.get("b_shape"):
             slots.append(_slot(p, m, "b_"))
         rel = m.groupdict().get("rel")
-        return Prompt(tuple(slots), p.relation_of[rel] if rel else None)
+        try:
+            return Prompt(tuple(slots), p.relation_of[rel] if rel else None)
+        except ValueError:  # the frame's words, but a scene no caption states (a relation of a group)
+            break
     if strict:
         raise CaptionParseError(f"caption {text!r} is not in the {language} shapes grammar "
                                 "(use parse_caption(text, strict=False) to extract what it states)")
