@@ -8,7 +8,7 @@ import torch
 from visgen.config import SpecError
 from visgen.models.gpt import (
     BOS, EN, EOI, EOS, I2T, NULL, PAD, SOI, T2I, TASK_I2T, TASK_T2I, ZH, VisGPT, gpt_config, load_gpt, sample, save_gpt,
-    uniform_noise,
+    rotate, uniform_noise,
 )
 from visgen.models.vq import LOOK_DIM
 
@@ -347,10 +347,12 @@ def _legacy():
     return sys.modules[name]
 
 
-def _fresh_model() -> VisGPT:
-    """The fixture's model, built anew: compile_decode() changes the model it is called on."""
+def _fresh_model(**overrides) -> VisGPT:
+    """The fixture's model (with ``overrides`` of its config), built anew: compile_decode() changes
+    the model it is called on."""
     torch.manual_seed(0)
-    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8,
+                          **overrides))
     with torch.no_grad():
         m.head.weight.mul_(20)
     return m.eval()
@@ -512,13 +514,9 @@ def test_tied_embeddings_share_one_matrix_train_it_from_both_ends_and_survive_sa
 
 
 def test_pooled_condition_reaches_every_output_slot_stays_causal_and_decodes_as_recomputed(tmp_path):
-    torch.manual_seed(0)
-    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8,
-                          pooled_condition=True))
+    m = _fresh_model(pooled_condition=True)
     with torch.no_grad():
-        m.head.weight.mul_(20)
         m.cond_proj.weight.mul_(50)  # large enough that the pooled path decides the samples
-    m.eval()
     lay = m.layout
     image = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(1))
     t2i = torch.full((3,), TASK_T2I)
@@ -546,3 +544,45 @@ def test_pooled_condition_reaches_every_output_slot_stays_causal_and_decodes_as_
     save_gpt(m, tmp_path / "lm")
     back = load_gpt(tmp_path / "lm")
     assert torch.equal(back.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
+
+
+def test_rope_2d_makes_image_attention_see_grid_offsets_and_decodes_as_recomputed(tmp_path):
+    m = _fresh_model(rope_2d=True)
+    lay = m.layout
+    t2i = torch.full((1,), TASK_T2I)
+    cos, sin = m.rope(torch.arange(lay.length), t2i)  # (1, 1, L, Dh/2)
+    # Text slots are not rotated; image cell (r, c) turns by r on the first half of the pairs, c on the second.
+    text_slots = [i for i in range(lay.length) if i not in range(lay.t2i_image.start, lay.t2i_image.stop)]
+    assert torch.equal(cos[0, 0, text_slots], torch.ones(len(text_slots), m.cfg.head_dim // 2))
+    assert torch.equal(sin[0, 0, text_slots], torch.zeros(len(text_slots), m.cfg.head_dim // 2))
+    # The score of a query and a key that are the same vectors at two image cells depends on their
+    # offset on the grid only: (0,0)->(1,2) scores as (2,1)->(3,3), and not as (0,0)->(2,1).
+    q = torch.randn(1, 1, 1, m.cfg.head_dim)
+    k = torch.randn(1, 1, 1, m.cfg.head_dim)
+
+    def score(a: tuple[int, int], b: tuple[int, int]) -> float:
+        sa, sb = (lay.t2i_image.start + r * 4 + c for r, c in (a, b))
+        qa = rotate(q, cos[:, :, sa:sa + 1], sin[:, :, sa:sa + 1])
+        kb = rotate(k, cos[:, :, sb:sb + 1], sin[:, :, sb:sb + 1])
+        return float((qa * kb).sum())
+
+    assert abs(score((0, 0), (1, 2)) - score((2, 1), (3, 3))) < 1e-5
+    assert abs(score((0, 0), (1, 2)) - score((0, 0), (2, 1))) > 1e-3
+    # i2t rotates the same cells by the same angles, though they sit at other slots
+    c2, _ = m.rope(torch.arange(lay.length), torch.full((1,), TASK_I2T))
+    torch.testing.assert_close(c2[0, 0, lay.i2t_image], cos[0, 0, lay.t2i_image])
+    # Keys are cached rotated: the KV-cache decode samples what full recomputation samples, and it trains.
+    seeds = torch.tensor([5, 6, 7])
+    a = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0)
+    assert torch.equal(a, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, use_cache=False))
+    image = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(1))
+    assert m.generate_text(image, seeds, temperature=1.0) == m.generate_text(image, seeds, temperature=1.0, use_cache=False)
+    plain = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    plain.load_state_dict(m.state_dict())  # the option adds no weights: only the rotation differs
+    assert not torch.equal(plain.eval().generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm")
+    assert back.cfg.rope_2d and torch.equal(back.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
+    # a head that cannot be split between rows and columns is refused with the numbers
+    with pytest.raises(ValueError, match="head_dim = d_model / n_head = 6 must divide by 4"):
+        gpt_config("tiny", d_model=12, n_head=2, rope_2d=True)

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field, model_validator
 from sacrebleu.metrics import BLEU
@@ -50,7 +49,6 @@ from visgen.base import Section
 from visgen.data.captions import detect_language
 from visgen.eval.captions import chrf
 from visgen.eval.frechet import frechet_from_features
-from visgen.models.gpt import PAD, TASK_I2T, TASK_T2I
 from visgen.models.vq import to_model_input
 from visgen.workdir import Workdir
 
@@ -110,38 +108,11 @@ def cjk_table(tokenizer, lm) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Teacher-forced scoring
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
 def sequence_nll(lm, tokens: torch.Tensor, n_t2i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a batch laid out like training (first ``n_t2i`` rows t2i, the rest i2t): the summed
-    negative log-likelihood (B,) of the tokens :meth:`VisGPT.loss` scores, and how many there are (B,).
-
-    Same targets and masks as the loss: t2i rows on their N image codes among the image codes; i2t
-    rows on the language token (among the language tokens), the text and ``<eos>`` (pads skipped).
-    ``nll.sum() / count.sum()`` per task is the loss the trainer reports for that task."""
-    b = tokens.shape[0]
-    task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
-    task[n_t2i:] = TASK_I2T
-    h = lm.hidden(tokens, task)  # (B, L, d)
-    lay = lm.layout
-    nll = torch.zeros(b, dtype=torch.float64)
-    count = torch.zeros(b, dtype=torch.float64)
-    if n_t2i:
-        pred = slice(lay.t2i_soi, lay.t2i_soi + lay.n_image)  # positions predicting image codes
-        logits = lm.image_logits(h[:n_t2i, pred]).float()  # (n, N, K)
-        target = tokens[:n_t2i, lay.t2i_image] - lm.cfg.text_vocab  # (n, N)
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (n, N)
-        nll[:n_t2i] = ce.sum(1).double().cpu()
-        count[:n_t2i] = lay.n_image
-    if b > n_t2i:
-        pred = slice(lay.i2t_eoi, lay.i2t_eoi + lay.text_slots)
-        logits = lm.text_logits(h[n_t2i:, pred], lm.i2t_blocked).float()  # (m, S, V_text)
-        target = tokens[n_t2i:, lay.i2t_text].clone()  # (m, S)
-        scored = target != PAD
-        target[~scored] = -100
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=-100)  # (m, S)
-        nll[n_t2i:] = ce.sum(1).double().cpu()
-        count[n_t2i:] = scored.sum(1).double().cpu()
-    return nll, count
+    """:meth:`visgen.models.gpt.VisGPT.sequence_nll`: per row, the summed NLL of what the loss scores
+    and how many tokens that is (B,) each, as float64 on the CPU."""
+    nll, count = lm.sequence_nll(tokens, n_t2i)
+    return nll.double().cpu(), count.double().cpu()
 
 
 def score_pairs(lm, ids: Sequence[Sequence[int]], codes: torch.Tensor, pairs: np.ndarray, task: str, *,

@@ -22,7 +22,10 @@ it ("auto") or forces it, and a forced language also blocks the tokens of the ot
 A fixed layout needs no attention padding mask (``is_causal`` SDPA, flash kernels on GPU) and
 gives every image token a fixed slot. The classifier-free-guidance "null" prompt is the text
 region ``[<null> <pad>...]``. Positions: a learned embedding per sequence slot plus a learned
-row + column embedding on image tokens, so the 2D grid is shared by both layouts.
+row + column embedding on image tokens, so the 2D grid is shared by both layouts. With
+``rope_2d`` the queries and keys of image tokens are also rotated by their row (half of each
+head's dimensions) and column (the other half), so attention between two image tokens sees
+their offset on the grid whatever the layout (LlamaGen's 2D RoPE; text slots are not rotated).
 
 The loss is per-modality: image targets are scored against image codes only, text targets
 against text ids only (the specials other than ``<eos>`` excluded; the language slot against the
@@ -92,6 +95,13 @@ class GPTConfig(Section):
         "Add a learned projection of the condition's mean token embedding (the prompt's words in text -> image, "
         "the picture's codes in image -> text) to every position after the condition: each output slot sees "
         "the whole condition from the first layer on, before attention has learned where to look for it."))
+    rope_2d: bool = Field(False, description=(
+        "Rotate the queries and keys of image tokens by their row (half of each head's dimensions) and column "
+        "(the other half), 2D RoPE: attention between two image tokens depends on their offset on the grid "
+        "from the first step on, instead of learning it from absolute positions. Text slots are not rotated; "
+        "the learned position embeddings stay. Needs head_dim divisible by 4."))
+    rope_base: float = Field(100.0, gt=1.0, le=1e6, description=(
+        "2D RoPE frequency base: rotation pair i of an axis turns by base^(-i/(head_dim/4)) per grid step."))
     # --- vocabulary and layout (derived from the other components in a pipeline spec) -----
     text_vocab: int = Field(16384, ge=len(SPECIAL_TOKENS) + 1, le=1 << 20,
                             description="Text ids [0, text_vocab) incl. the specials; = text_tokenizer.vocab_size.")
@@ -118,6 +128,9 @@ class GPTConfig(Section):
             raise ValueError(f"d_model={self.d_model} does not divide by n_head={self.n_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = d_model / n_head = {self.head_dim} must be even")
+        if self.rope_2d and self.head_dim % 4:
+            raise ValueError(f"rope_2d splits each head between rows and columns: head_dim = d_model / n_head "
+                             f"= {self.head_dim} must divide by 4")
         if min(self.grid) < 1 or max(self.grid) > 1024:
             raise ValueError(f"grid must be two sizes in [1, 1024], got {self.grid}")
         return self
@@ -351,10 +364,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, s, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # the keys are cached rotated: a decode step rotates only its own token
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if input_pos is not None:  # incremental: attend over the whole static cache, masked to the past
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, H, L, Dh)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
@@ -362,6 +377,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (B, H, s, Dh) with angles' ``cos`` / ``sin`` (B, 1, s, Dh/2): pair i is (x_i, x_{i+Dh/2})."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class SwiGLU(nn.Module):
@@ -383,8 +405,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), input_pos, mask))
+                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), input_pos, mask, rope))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -431,6 +453,16 @@ class VisGPT(nn.Module):
         slot[TASK_T2I, lay.t2i_image] = torch.arange(n)
         slot[TASK_I2T, lay.i2t_image] = torch.arange(n)
         self.register_buffer("image_slot", slot, persistent=False)
+        if cfg.rope_2d:  # per task and slot, the rotation angles: rows on the first half of the pairs, columns on the second
+            quarter = cfg.head_dim // 4
+            freq = cfg.rope_base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+            cells = torch.arange(n + 1)  # row n: not an image slot, angle 0
+            rows, cols = (cells // w).double(), (cells % w).double()
+            angle = torch.cat([rows[:, None] * freq, cols[:, None] * freq], dim=1)  # (N + 1, Dh/2)
+            angle[n] = 0.0
+            angle = angle[slot]  # (2, L, Dh/2)
+            self.register_buffer("rope_cos", angle.cos().float(), persistent=False)
+            self.register_buffer("rope_sin", angle.sin().float(), persistent=False)
         self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
         # Per task: the first slot after the condition (t2i: <soi>, i2t: <eoi>), where pooled_condition adds it.
         self.register_buffer("cond_from", torch.tensor([lay.t2i_soi, lay.i2t_eoi]), persistent=False)
@@ -531,9 +563,16 @@ class VisGPT(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         cond = self.condition(tokens, task) if self.cfg.pooled_condition else None
         x = self.embed(tokens, positions, task, cond)
+        rope = self.rope(positions, task)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope=rope)
         return self.norm(x)
+
+    def rope(self, positions: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``rope_2d``: the (cos, sin) (B, 1, s, Dh/2) of slots ``positions`` (s,) in layout ``task`` (B,)."""
+        if not self.cfg.rope_2d:
+            return None
+        return self.rope_cos[task][:, None, positions], self.rope_sin[task][:, None, positions]
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) → (..., codebook_size): the head restricted to image codes."""
@@ -592,6 +631,39 @@ class VisGPT(nn.Module):
                 total = total + z_loss * (n_i2t / b) * lse.pow(2).mean()
         return total, logs
 
+    @torch.no_grad()
+    def sequence_nll(self, tokens: torch.Tensor, n_t2i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of a batch laid out like training (first ``n_t2i`` rows t2i, the rest i2t): the
+        summed negative log-likelihood (B,) of the tokens :meth:`loss` scores, and how many there are (B,).
+
+        Same targets and masks as the loss: t2i rows on their N image codes among the image codes; i2t
+        rows on the language token (among the language tokens), the text and ``<eos>`` (pads skipped).
+        ``nll.sum() / count.sum()`` per task is the loss the trainer reports for that task; what
+        best-of-n reranking (:mod:`visgen.inference`) and the retrieval metrics compare."""
+        b = tokens.shape[0]
+        task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
+        task[n_t2i:] = TASK_I2T
+        h = self.hidden(tokens, task)  # (B, L, d)
+        lay = self.layout
+        nll = torch.zeros(b, dtype=torch.float32, device=tokens.device)
+        count = torch.zeros(b, dtype=torch.float32, device=tokens.device)
+        if n_t2i:
+            pred = slice(lay.t2i_soi, lay.t2i_soi + lay.n_image)  # positions predicting image codes
+            logits = self.image_logits(h[:n_t2i, pred]).float()  # (n, N, K)
+            target = tokens[:n_t2i, lay.t2i_image] - self.cfg.text_vocab  # (n, N)
+            nll[:n_t2i] = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
+            count[:n_t2i] = lay.n_image
+        if b > n_t2i:
+            pred = slice(lay.i2t_eoi, lay.i2t_eoi + lay.text_slots)
+            logits = self.text_logits(h[n_t2i:, pred], self.i2t_blocked).float()  # (m, S, V_text)
+            target = tokens[n_t2i:, lay.i2t_text].clone()  # (m, S)
+            scored = target != PAD
+            target[~scored] = -100
+            ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=-100)  # (m, S)
+            nll[n_t2i:] = ce.sum(1)
+            count[n_t2i:] = scored.sum(1).float()
+        return nll, count
+
     # -- incremental decoding ---------------------------------------------------------------------
     # A generation is a prefill over the prompt (eager: its length varies) that emits the first
     # token, then one decode step per further token. The step is one function over the buffers of
@@ -641,8 +713,9 @@ class VisGPT(nn.Module):
         cond = self.decode_state.cond if self.cfg.pooled_condition else None  # set by _decode's prefill
         x = self.embed(tokens, input_pos, task, cond)
         mask = self.causal[input_pos][None, None]  # (1, 1, s, L): each new token sees itself and the past
+        rope = self.rope(input_pos, task)
         for block in self.blocks:
-            x = block(x, input_pos, mask)
+            x = block(x, input_pos, mask, rope)
         return self.norm(x)
 
     def decode_image_step(self, guided: bool, greedy: bool, top_k: int, nucleus: bool) -> None:
@@ -802,7 +875,8 @@ class VisGPT(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 of the config and every weight."""
-        return fingerprint(self.cfg, self.state_dict(), late_fields=("code_looks", "tie_embeddings", "pooled_condition"))
+        return fingerprint(self.cfg, self.state_dict(),
+                           late_fields=("code_looks", "tie_embeddings", "pooled_condition", "rope_2d", "rope_base"))
 
 
 # ---------------------------------------------------------------------------------------------
