@@ -12,7 +12,9 @@ from PIL import Image
 
 import visgen
 from bundles import make_bundle
-from visgen.inference import GenerationRequest, Model, read_manifest
+from visgen.inference import (
+    MAX_CANDIDATES, GenerationRequest, Model, caption_codes, candidate_seed, read_manifest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,56 @@ def test_generate_many_checks_every_request_first(pipe, monkeypatch):
     with pytest.raises(ValueError, match="batch_size"):
         pipe.generate_many([GenerationRequest("fine")], batch_size=0)
     assert not calls  # refused before anything was drawn
+
+
+def test_best_of_n_images_keep_the_draw_whose_prompt_the_model_finds_likeliest(pipe):
+    prompts = ["a red circle left of a blue square", "两个绿色的三角形", "a white star"]
+    k, seed = 5, 11
+    chosen = pipe.generate(prompts, seed=seed, candidates=k)
+    # every candidate by hand: candidate c of the image with seed s draws with candidate_seed(s, c)
+    text = pipe.text_regions(prompts).repeat_interleave(k, 0)
+    seeds = torch.tensor([candidate_seed(seed + i, c) for i in range(3) for c in range(k)])
+    s = pipe.sampling
+    codes = pipe.lm.generate_images(text, seeds, cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k,
+                                    top_p=s.top_p)
+    nll = pipe.prompt_nll([p for p in prompts for _ in range(k)], codes).view(3, k)
+    assert nll.argmin(1).tolist() != [0, 0, 0]  # reranking chose another draw than the plain one somewhere
+    want = pipe.decode_codes(codes.view(3, k, -1)[torch.arange(3), nll.argmin(1)])
+    for a, b in zip(chosen, want):
+        np.testing.assert_array_equal(a, b)
+    # the chosen image is the likeliest of its candidates and does not depend on the batch
+    np.testing.assert_array_equal(pipe.generate(prompts[1:2], seed=seed + 1, candidates=k)[0], chosen[1])
+    # one candidate draws exactly what no reranking draws: candidate 0 keeps the image's own seed
+    np.testing.assert_array_equal(pipe.generate(prompts, seed=seed, candidates=1)[2], pipe.generate(prompts, seed=seed)[2])
+    with pytest.raises(ValueError, match="candidates"):
+        pipe.generate(prompts, candidates=0)
+    with pytest.raises(ValueError, match="candidates"):
+        pipe.generate(prompts, candidates=MAX_CANDIDATES + 1)
+    with pytest.raises(TypeError, match="request 0: candidates must be an integer"):
+        pipe.generate_many([GenerationRequest("x", candidates=2.0)])
+
+
+def test_best_of_n_captions_keep_the_one_under_which_the_image_is_likeliest(pipe):
+    images = list(np.random.default_rng(3).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    k = 6
+    chosen = pipe.caption(images, language=["en", "zh", "auto", "en"], seed=2, candidates=k)
+    codes = pipe.encode_images(images)
+    cands = []  # candidate 0 at the caption temperature (greedy), the rest at caption_candidate_temperature
+    for c in range(k):
+        seeds = torch.tensor([candidate_seed(2 + i, c) for i in range(4)])
+        temp = pipe.sampling.caption_temperature if c == 0 else pipe.sampling.caption_candidate_temperature
+        cands.append(caption_codes(pipe.lm, pipe.tokenizer, codes, seeds, ["en", "zh", "auto", "en"], temperature=temp,
+                                   decode=False))
+    nll = pipe.image_nll([ids for cand in cands for ids in cand], codes.repeat(k, 1)).view(k, 4)
+    assert chosen == [pipe.tokenizer.decode(cands[j][i]) for i, j in enumerate(nll.argmin(0).tolist())]
+    assert nll.argmin(0).tolist() != [0, 0, 0, 0]  # not the greedy caption everywhere
+    # a requested language still holds: no Latin letter in the zh caption, ASCII only in the en ones
+    assert not any("a" <= ch.lower() <= "z" for ch in chosen[1]) and chosen[0].isascii() and chosen[3].isascii()
+    assert pipe.caption(images, seed=2, candidates=1) == pipe.caption(images, seed=2)
+    with pytest.raises(ValueError, match="caption_candidates"):
+        pipe.caption(images, candidates=0)
+    with pytest.raises(TypeError, match="candidates must be an integer"):
+        pipe.caption(images, candidates="3")
 
 
 def test_caption_takes_one_seed_per_image(pipe):

@@ -41,6 +41,7 @@ from pydantic import Field
 
 from visgen import __version__, storage
 from visgen.base import Section
+from visgen.data.captions import detect_language
 from visgen.data.images import ImageError, ImagePrep, decode_image, to_model_square
 from visgen.models.gpt import CAPTION_LANGUAGES, caption_languages  # noqa: F401 - CAPTION_LANGUAGES: re-exported
 from visgen.models.gpt import CONFIG_FILE as LM_JSON, WEIGHTS_FILE as LM_WEIGHTS, load_gpt
@@ -54,6 +55,9 @@ BUNDLE_FORMAT = "visgen-bundle/1"
 MANIFEST, EVAL_FILE, TEXT_TOKENIZER_FILE = "manifest.json", "eval.json", "text_tokenizer.json"
 
 
+MAX_CANDIDATES = 64  # best-of-n reranking: candidates per image or caption
+
+
 class SamplingConfig(Section):
     """Default sampling settings of text → image generation and captioning (each call may override them)."""
 
@@ -62,6 +66,22 @@ class SamplingConfig(Section):
     top_k: int = Field(0, ge=0, le=1 << 20, description="Sample image codes among the k most likely only; 0 = all.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of image codes: the smallest set holding this probability.")
     caption_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature of captioning; 0 = greedy.")
+    candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description=(
+        "Images drawn per requested image; the one whose prompt the model itself finds the likeliest caption "
+        "of it, log p(prompt | image) by its image -> text direction, is returned (best-of-n). 1 = no "
+        "reranking; n costs about n times the drawing."))
+    caption_candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description=(
+        "Captions written per image: one at caption_temperature and n - 1 sampled at "
+        "caption_candidate_temperature; the one under which the model finds the image likeliest, "
+        "log p(image | caption) by its text -> image direction, is returned. 1 = no reranking."))
+    caption_candidate_temperature: float = Field(0.7, gt=0.0, le=10.0, description=(
+        "Temperature of the extra captions of caption_candidates (greedy would repeat the first)."))
+
+
+def candidate_seed(seed: int, index: int) -> int:
+    """The seed of best-of-n candidate ``index`` of an image with ``seed``: the seed itself for the
+    first (one candidate draws what no reranking draws), a seed no image seed below 2**48 uses for the rest."""
+    return int(seed) ^ (int(index) << 48)
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,7 @@ class GenerationRequest:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    candidates: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,26 +299,60 @@ class Model:
         with torch.no_grad():
             return list(to_uint8(self.vq.decode(codes.view(-1, h, w).to(self.device))))
 
-    def _sampling(self, cfg_scale, temperature, top_k, top_p) -> dict:
+    def _sampling(self, cfg_scale, temperature, top_k, top_p, candidates=None) -> dict:
         s = self.sampling
         out = dict(cfg_scale=s.cfg_scale if cfg_scale is None else float(cfg_scale),
                    temperature=s.temperature if temperature is None else float(temperature),
                    top_k=s.top_k if top_k is None else int(top_k),
-                   top_p=s.top_p if top_p is None else float(top_p))
+                   top_p=s.top_p if top_p is None else float(top_p),
+                   candidates=s.candidates if candidates is None else candidates)
         SamplingConfig(**out)  # same limits as the spec, with the same messages
         return out
+
+    def draw_codes(self, prompts: Sequence[str], seeds: Sequence[int], *, candidates: int = 1, **sampling) -> torch.Tensor:
+        """One image's codes (B, N) per prompt and seed; with ``candidates`` > 1 the best of that many
+        draws (seeds :func:`candidate_seed`) by :meth:`prompt_nll`. ``sampling``: cfg_scale,
+        temperature, top_k, top_p, as :meth:`VisGPT.generate_images` takes them."""
+        text = self.text_regions(prompts)  # (B, S)
+        k = int(candidates)
+        seed_t = torch.tensor([candidate_seed(s, c) for s in seeds for c in range(k)], dtype=torch.long,
+                              device=self.device)
+        with torch.no_grad():
+            codes = self.lm.generate_images(text.repeat_interleave(k, 0), seed_t, **sampling)  # (B k, N)
+        if k == 1:
+            return codes
+        nll = self.prompt_nll([p for p in prompts for _ in range(k)], codes).view(len(prompts), k)
+        return codes.view(len(prompts), k, -1)[torch.arange(len(prompts)), nll.argmin(1)]
+
+    def prompt_nll(self, prompts: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
+        """-log p(prompt | image) (B,) of each prompt as the caption of codes (B, N), by the model's
+        image → text direction, the caption language being the prompt's (as in training)."""
+        lay = self.lm.layout
+        ids = self.tokenizer.encode_batch([_check_text(p) for p in prompts], max_length=lay.text_slots - 2)
+        text = torch.tensor([lay.text_region(i, detect_language(p)) for i, p in zip(ids, prompts)],
+                            dtype=torch.long, device=self.device)
+        return self.lm.sequence_nll(lay.i2t(codes.to(self.device), text), 0)[0]
+
+    def image_nll(self, captions: Sequence[Sequence[int]], codes: torch.Tensor) -> torch.Tensor:
+        """-log p(image | caption) (B,) of codes (B, N) under captions given as text ids, by the
+        model's text → image direction."""
+        lay = self.lm.layout
+        text = torch.tensor([lay.text_region(c) for c in captions], dtype=torch.long, device=self.device)
+        return self.lm.sequence_nll(lay.t2i(text, codes.to(self.device)), codes.shape[0])[0]
 
     # -- the three tasks -------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, n: int = 1, seed: int = 0, cfg_scale: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 batch_size: int = 64) -> list[np.ndarray]:
+                 candidates: int | None = None, batch_size: int = 64) -> list[np.ndarray]:
         """``n`` images per prompt, prompt-major: (H, W, 3) uint8 arrays. Image j of prompt i uses
-        seed ``seed + i * n + j``, so a seed reproduces its images whatever the batch."""
+        seed ``seed + i * n + j``, so a seed reproduces its images whatever the batch. ``candidates``:
+        each image is the best of that many draws by the model's own caption likelihood of the
+        prompt (default: the bundle's ``sampling.candidates``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         requests = [GenerationRequest(p, n=n, seed=int(seed) + i * n, cfg_scale=cfg_scale, temperature=temperature,
-                                      top_k=top_k, top_p=top_p) for i, p in enumerate(prompts)]
+                                      top_k=top_k, top_p=top_p, candidates=candidates) for i, p in enumerate(prompts)]
         return [im for images in self.generate_many(requests, batch_size=batch_size) for im in images]
 
     def generate_many(self, requests: Sequence[GenerationRequest], *,
@@ -317,14 +372,16 @@ class Model:
         for i, req in enumerate(requests):
             if not isinstance(req, GenerationRequest):
                 raise TypeError(f"request {i} is a {type(req).__name__}, not a visgen.inference.GenerationRequest")
-            for name in ("n", "seed"):
+            for name in ("n", "seed", "candidates"):
                 value = getattr(req, name)
+                if name == "candidates" and value is None:
+                    continue
                 if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                     raise TypeError(f"request {i}: {name} must be an integer, got {type(value).__name__} {value!r}")
             if req.n < 1:
                 raise ValueError(f"request {i}: n must be >= 1, got {req.n}")
             _check_text(req.prompt)
-            kw = self._sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p)
+            kw = self._sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p, req.candidates)
             groups.setdefault(tuple(sorted(kw.items())), []).append(i)
         out: list[list[np.ndarray]] = [[] for _ in requests]
         for key, idx in groups.items():
@@ -333,23 +390,25 @@ class Model:
             step = batch_size or len(rows)
             for at in range(0, len(rows), step):
                 chunk = rows[at:at + step]
-                text = self.text_regions([prompt for prompt, _, _ in chunk])  # (B, S)
-                seeds = torch.tensor([seed for _, seed, _ in chunk], dtype=torch.long, device=self.device)  # (B,)
-                with torch.no_grad():
-                    codes = self.lm.generate_images(text, seeds, **dict(key))  # (B, N)
+                codes = self.draw_codes([prompt for prompt, _, _ in chunk], [seed for _, seed, _ in chunk],
+                                        **dict(key))  # (B, N)
                 for (_, _, i), image in zip(chunk, self.decode_codes(codes)):
                     out[i].append(image)
         return out
 
     def caption(self, images: Any | Sequence[Any], *, language: str | Sequence[str] = "auto",
                 seed: int | Sequence[int] = 0, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
-                batch_size: int | None = 64) -> list[str]:
+                candidates: int | None = None, batch_size: int | None = 64) -> list[str]:
         """One caption per image (greedy by default), ``batch_size`` images per forward (``None``: all in one).
 
         ``language``: "auto" (the model chooses), "en" or "zh" — one for all images or one per
         image. A requested language is put in the caption's language slot and the other script is
         blocked: an "en" caption holds ASCII only, a "zh" caption no Latin letter.
         ``seed``: image i uses ``seed + i``; or one seed per image (a batch of independent requests).
+        ``candidates`` (default: the bundle's ``sampling.caption_candidates``): write that many
+        captions per image, the first at ``temperature`` and the rest at
+        ``sampling.caption_candidate_temperature``, and return the one under which the model finds
+        the image likeliest (:meth:`image_nll`).
         """
         images = [images] if _is_single_image(images) else list(images)
         langs = caption_languages(language, len(images))
@@ -362,15 +421,39 @@ class Model:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None (all in one forward), got {batch_size}")
         temp = self.sampling.caption_temperature if temperature is None else float(temperature)
-        SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p)
+        k = self.sampling.caption_candidates if candidates is None else candidates
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"candidates must be an integer, got {type(k).__name__} {k!r}")
+        SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p, caption_candidates=k)
         step = batch_size or max(1, len(images))
         out: list[str] = []
         for i in range(0, len(images), step):
             codes = self.encode_images(images[i:i + step])  # (B, N)
-            out.extend(caption_codes(self.lm, self.tokenizer, codes,
-                                     torch.tensor(seeds[i:i + step], dtype=torch.long, device=self.device),
-                                     langs[i:i + step], temperature=temp, top_k=top_k, top_p=top_p))
+            out.extend(self._best_captions(codes, seeds[i:i + step], langs[i:i + step], int(k), temperature=temp,
+                                           top_k=top_k, top_p=top_p))
         return out
+
+    def _best_captions(self, codes: torch.Tensor, seeds: Sequence[int], langs: Sequence[str], k: int, *,
+                       temperature: float, top_k: int, top_p: float) -> list[str]:
+        """Captions of codes (B, N): candidate 0 at ``temperature``, candidates 1.. k-1 at the
+        bundle's ``caption_candidate_temperature``; per image the one with the lowest :meth:`image_nll`."""
+        b, dev = codes.shape[0], self.device
+
+        def write(rows: torch.Tensor, seeds_: list[int], langs_: list[str], temp: float) -> list[list[int]]:
+            seed_t = torch.tensor(seeds_, dtype=torch.long, device=dev)
+            return caption_codes(self.lm, self.tokenizer, rows, seed_t, langs_, temperature=temp, top_k=top_k,
+                                 top_p=top_p, decode=False)
+
+        cands = [write(codes, [candidate_seed(s, 0) for s in seeds], list(langs), temperature)]
+        if k > 1:  # the other candidates in one decode (candidate-major rows): each row's noise is its seed's
+            rest = write(codes.repeat(k - 1, 1), [candidate_seed(s, c) for c in range(1, k) for s in seeds],
+                         list(langs) * (k - 1), self.sampling.caption_candidate_temperature)
+            cands += [rest[i * b:(i + 1) * b] for i in range(k - 1)]
+            nll = self.image_nll([ids for cand in cands for ids in cand], codes.repeat(k, 1)).view(k, b)
+            best = nll.argmin(0).tolist()
+        else:
+            best = [0] * b
+        return [self.tokenizer.decode(cands[best[i]][i]) for i in range(b)]
 
     def edit(self, image: Any, prompt: str, *, keep_rows: int, seed: int = 0, cfg_scale: float | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
@@ -380,6 +463,7 @@ class Model:
         if not isinstance(keep_rows, int) or not 0 <= keep_rows <= h:
             raise ValueError(f"keep_rows must be an integer in [0, {h}] (token rows of the {h}x{w} grid), got {keep_rows!r}")
         kw = self._sampling(cfg_scale, temperature, top_k, top_p)
+        kw.pop("candidates")  # an edit is one completion of the kept rows, not reranked
         codes = self.encode_images([image])
         text = self.text_regions([prompt])
         out = self.lm.generate_images(text, torch.tensor([int(seed)], device=self.device),
@@ -388,10 +472,11 @@ class Model:
 
 
 def caption_codes(lm, tokenizer, codes: torch.Tensor, seeds: torch.Tensor, language: str | Sequence[str] = "auto",
-                  *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
+                  *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, decode: bool = True) -> list:
     """Captions of image codes (B, N) by ``lm`` in ``language`` (one, or one per row: "auto" / "en" /
     "zh"), decoded with ``tokenizer``: what :meth:`Model.caption`, the Serve replica and the
-    training's quick eval share. A requested language is forced and its other script blocked."""
+    training's quick eval share. A requested language is forced and its other script blocked.
+    ``decode=False`` returns the text ids instead of the strings."""
     langs = caption_languages(language, codes.shape[0])
     blocked = None
     if any(lang != "auto" for lang in langs):
@@ -400,7 +485,7 @@ def caption_codes(lm, tokenizer, codes: torch.Tensor, seeds: torch.Tensor, langu
         blocked = torch.from_numpy(np.stack([tables.get(lang, none) for lang in langs]))
     ids = lm.generate_text(codes, seeds, language=langs, blocked=blocked, temperature=temperature, top_k=top_k,
                            top_p=top_p)
-    return [tokenizer.decode(t) for t in ids]
+    return [tokenizer.decode(t) for t in ids] if decode else ids
 
 
 def _check_text(p: Any) -> str:
