@@ -123,6 +123,12 @@ def test_generate_matches_the_pipeline_and_answers_png(env, pipes):
     want = pipes[0].generate("a red circle left of a blue square", n=2, seed=5, cfg_scale=2.0, top_k=50)
     for got, ref in zip(body["images"], want):
         np.testing.assert_array_equal(_decode(got["png_base64"]), ref)
+    # best of 3 per image, as Model.generate(candidates=3) draws it
+    r = http.post(url + "/v1/generate", json={"prompt": "a white star", "n": 2, "seed": 9, "candidates": 3})
+    want = pipes[0].generate("a white star", n=2, seed=9, candidates=3)
+    assert r.status_code == 200 and len(r.json()["images"]) == 2
+    for got, ref in zip(r.json()["images"], want):
+        np.testing.assert_array_equal(_decode(got["png_base64"]), ref)
     r = http.post(url + "/v1/generate", json={"prompt": "两个绿色的三角形", "seed": 1}, headers={"Accept": "image/png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), pipes[0].generate("两个绿色的三角形", seed=1)[0])
@@ -187,7 +193,7 @@ BAD = [
     ("generate", dict(json={"prompt": "x", "top_p": 0}), 422, "top_p", "greater than 0", 0.0),
     ("generate", dict(json={"prompt": "x", "top_k": -2}), 422, "top_k", "greater than or equal to 0", 0),
     ("generate", dict(json={"prompt": "x", "seed": -1}), 422, "seed", "greater than or equal to 0", 0),
-    ("generate", dict(json={"prompt": "x", "size": 512}), 422, "size", "unknown field; allowed: prompt, n", "prompt, n, seed, cfg_scale, temperature, top_k, top_p"),
+    ("generate", dict(json={"prompt": "x", "size": 512}), 422, "size", "unknown field; allowed: prompt, n", "prompt, n, candidates, seed, cfg_scale, temperature, top_k, top_p"),
     ("generate", dict(json={"prompt": 3}), 422, "prompt", "valid string", None),
     ("generate", dict(json=["a red circle"]), 422, "body", "JSON object", None),
     ("generate", dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "body", "not valid JSON", None),

@@ -93,6 +93,10 @@ def test_request_models_carry_the_limits():
     with pytest.raises(RequestError) as err:
         validate(models["generate"], {"prompt": "hi", "n": 4})
     assert (err.value.status, err.value.field, err.value.limit) == (422, "n", 3)
+    assert validate(models["generate"], {"prompt": "hi"}).candidates is None  # the model's default
+    with pytest.raises(RequestError) as err:
+        validate(models["generate"], {"prompt": "hi", "candidates": 17})
+    assert (err.value.status, err.value.field, err.value.limit) == (422, "candidates", 16)
     with pytest.raises(RequestError) as err:
         validate(models["edit"], {"prompt": "hi", "image": "x", "keep_rows": 5})
     assert (err.value.field, err.value.limit) == ("keep_rows", 4)

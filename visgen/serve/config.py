@@ -26,7 +26,9 @@ class ServeLimits(Section):
     max_cfg_scale: float = Field(20.0, ge=1.0, le=50.0, description="Largest classifier-free guidance scale accepted.")
     max_temperature: float = Field(5.0, ge=0.0, le=10.0, description="Largest sampling temperature accepted.")
     max_top_k: int = Field(100_000, ge=0, le=1 << 20, description="Largest top_k accepted (0 = all codes is always allowed).")
-    max_seed: int = Field(2**31 - 1, ge=0, le=2**62, description="Largest seed accepted.")
+    max_seed: int = Field(2**31 - 1, ge=0, le=2**47, description="Largest seed accepted (below 2**48, where best-of-n candidates draw).")
+    max_candidates: int = Field(16, ge=1, le=64, description=(
+        "Most best-of-n candidates one generate request may ask for per image (each costs about one more image)."))
 
 
 class ServeConfig(Section):

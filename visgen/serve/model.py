@@ -293,7 +293,8 @@ class VisgenModel:
 
         pipe, version = served.pipe, served.info.get("version")
         requests = [GenerationRequest(prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),
-                                      temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"))
+                                      temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"),
+                                      candidates=j.get("candidates"))
                     for j in jobs]
         images = pipe.generate_many(requests, batch_size=None)
         return [{"images": [encode_png(im) for im in ims], "version": version, "batch": len(jobs)} for ims in images]
