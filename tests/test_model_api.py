@@ -233,6 +233,13 @@ def test_cli_generate_caption_edit(bundle, tmp_path, capsys):
     assert Image.open(tmp_path / "edit.png").size == (16, 16)
     assert main(["generate", "x", "--bundle", str(bundle), "--out", str(out), "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+    # --candidates: the CLI's image is Model.generate(candidates=3)'s
+    assert main(["generate", "a white star", "--bundle", str(bundle), "--out", str(out), "--seed", "4",
+                 "--candidates", "3"]) == 0
+    want = visgen.Model.load(bundle, device="cpu").generate("a white star", seed=4, candidates=3)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), want)
+    assert main(["generate", "x", "--bundle", str(bundle), "--out", str(out), "--candidates", "0"]) == 2
+    assert "candidates" in capsys.readouterr().err
 
 
 def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, monkeypatch):
@@ -258,7 +265,9 @@ def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, mo
     assert main(["caption", str(img), "--bundle", str(bundle), "--language", "en"]) == 0
     assert seen["language"] == "en"
     assert main(["caption", str(img), "--bundle", str(bundle)]) == 0
-    assert seen["language"] == "auto"  # the default: the model chooses
+    assert seen["language"] == "auto" and seen["candidates"] is None  # the defaults: the model chooses, the bundle's n
+    assert main(["caption", str(img), "--bundle", str(bundle), "--candidates", "4"]) == 0
+    assert seen["candidates"] == 4
     for lang in CAPTION_LANGUAGES:  # the flag takes every language the pipeline does
         assert build_parser().parse_args(["caption", str(img), "--language", lang]).language == lang
     with pytest.raises(SystemExit) as exit_info:

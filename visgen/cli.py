@@ -267,13 +267,15 @@ def _save_images(images, out: str) -> None:
 def cmd_generate(args):
     model = _load_model(args)
     images = model.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            candidates=args.candidates)
     _save_images(images, args.out)
 
 
 def cmd_caption(args):
     model = _load_model(args)
-    texts = model.caption(args.images, language=args.language, seed=args.seed, temperature=args.temperature)
+    texts = model.caption(args.images, language=args.language, seed=args.seed, temperature=args.temperature,
+                          candidates=args.candidates)
     for path, text in zip(args.images, texts):
         print(f"{path}\t{text}")
 
@@ -466,6 +468,8 @@ EXTRA_FLAGS = {
         ("prompts", {"nargs": "+", "metavar": "PROMPT", "help": "text prompt(s), e.g. \"a red circle left of a blue square\""}),
         ("--out", {"required": True, "help": "output PNG (several images: NAME_000.png, ...) or a directory"}),
         ("--n", {"type": int, "default": 1, "help": "images per prompt (default: 1)"}),
+        ("--candidates", {"type": int, "help": "draw this many per image and keep the one whose prompt the model "
+                                              "finds the likeliest caption of it (default: the bundle's)"}),
         *_SAMPLING_FLAGS,
     ],
     ("caption",): [
@@ -474,6 +478,8 @@ EXTRA_FLAGS = {
                         "help": "caption language: auto (the model chooses), en or zh (default: auto)"}),
         ("--seed", {"type": int, "default": 0, "help": "sampling seed (default: 0)"}),
         ("--temperature", {"type": float, "help": "0 = greedy (default: the bundle's caption_temperature)"}),
+        ("--candidates", {"type": int, "help": "write this many captions per image and keep the one under which "
+                                              "the model finds the image likeliest (default: the bundle's)"}),
         *_BUNDLE_FLAGS,
     ],
     ("edit",): [
