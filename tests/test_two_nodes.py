@@ -162,8 +162,8 @@ def test_tokenizer_workers_on_two_nodes_survive_losing_a_node(tmp_path, s3):
              "--max-failures", "2"]
     run_dir = f"{work}/ray_results/image_tokenizer"
     with ExitStack() as stack:
-        port, *head_node_ = stack.enter_context(head_node())
-        head = tuple(head_node_)
+        port, head_proc, head_dir = stack.enter_context(head_node())
+        head = (head_proc, head_dir)
         env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", "VISGEN_CACHE_DIR": str(tmp_path / "cache")}
         wait_for_nodes(port, {"nodeA"}, [head])
         phase("head up")

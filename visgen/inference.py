@@ -299,22 +299,30 @@ class Model:
         with torch.no_grad():
             return list(to_uint8(self.vq.decode(codes.view(-1, h, w).to(self.device))))
 
-    def _sampling(self, cfg_scale, temperature, top_k, top_p, candidates=None) -> dict:
+    def _sampling(self, cfg_scale, temperature, top_k, top_p) -> dict:
         s = self.sampling
         out = dict(cfg_scale=s.cfg_scale if cfg_scale is None else float(cfg_scale),
                    temperature=s.temperature if temperature is None else float(temperature),
                    top_k=s.top_k if top_k is None else int(top_k),
-                   top_p=s.top_p if top_p is None else float(top_p),
-                   candidates=s.candidates if candidates is None else candidates)
+                   top_p=s.top_p if top_p is None else float(top_p))
         SamplingConfig(**out)  # same limits as the spec, with the same messages
         return out
+
+    def _candidates(self, value: Any, field: str, where: str = "") -> int:
+        """``value`` or, when None, the bundle's ``sampling.<field>`` (candidates / caption_candidates),
+        checked to be an integer within the spec's limits (``where`` prefixes the message)."""
+        k = getattr(self.sampling, field) if value is None else value
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"{where}candidates must be an integer, got {type(k).__name__} {k!r}")
+        SamplingConfig(**{field: int(k)})  # same limits as the spec, with the same messages
+        return int(k)
 
     def draw_codes(self, prompts: Sequence[str], seeds: Sequence[int], *, candidates: int = 1, **sampling) -> torch.Tensor:
         """One image's codes (B, N) per prompt and seed; with ``candidates`` > 1 the best of that many
         draws (seeds :func:`candidate_seed`) by :meth:`prompt_nll`. ``sampling``: cfg_scale,
         temperature, top_k, top_p, as :meth:`VisGPT.generate_images` takes them."""
         text = self.text_regions(prompts)  # (B, S)
-        k = int(candidates)
+        k = candidates
         seed_t = torch.tensor([candidate_seed(s, c) for s in seeds for c in range(k)], dtype=torch.long,
                               device=self.device)
         with torch.no_grad():
@@ -372,16 +380,15 @@ class Model:
         for i, req in enumerate(requests):
             if not isinstance(req, GenerationRequest):
                 raise TypeError(f"request {i} is a {type(req).__name__}, not a visgen.inference.GenerationRequest")
-            for name in ("n", "seed", "candidates"):
+            for name in ("n", "seed"):
                 value = getattr(req, name)
-                if name == "candidates" and value is None:
-                    continue
                 if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                     raise TypeError(f"request {i}: {name} must be an integer, got {type(value).__name__} {value!r}")
             if req.n < 1:
                 raise ValueError(f"request {i}: n must be >= 1, got {req.n}")
             _check_text(req.prompt)
-            kw = self._sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p, req.candidates)
+            kw = {**self._sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p),
+                  "candidates": self._candidates(req.candidates, "candidates", f"request {i}: ")}
             groups.setdefault(tuple(sorted(kw.items())), []).append(i)
         out: list[list[np.ndarray]] = [[] for _ in requests]
         for key, idx in groups.items():
@@ -421,15 +428,13 @@ class Model:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None (all in one forward), got {batch_size}")
         temp = self.sampling.caption_temperature if temperature is None else float(temperature)
-        k = self.sampling.caption_candidates if candidates is None else candidates
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise TypeError(f"candidates must be an integer, got {type(k).__name__} {k!r}")
-        SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p, caption_candidates=k)
+        SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p)
+        k = self._candidates(candidates, "caption_candidates")
         step = batch_size or max(1, len(images))
         out: list[str] = []
         for i in range(0, len(images), step):
             codes = self.encode_images(images[i:i + step])  # (B, N)
-            out.extend(self._best_captions(codes, seeds[i:i + step], langs[i:i + step], int(k), temperature=temp,
+            out.extend(self._best_captions(codes, seeds[i:i + step], langs[i:i + step], k, temperature=temp,
                                            top_k=top_k, top_p=top_p))
         return out
 
@@ -462,8 +467,7 @@ class Model:
         h, w = self.grid
         if not isinstance(keep_rows, int) or not 0 <= keep_rows <= h:
             raise ValueError(f"keep_rows must be an integer in [0, {h}] (token rows of the {h}x{w} grid), got {keep_rows!r}")
-        kw = self._sampling(cfg_scale, temperature, top_k, top_p)
-        kw.pop("candidates")  # an edit is one completion of the kept rows, not reranked
+        kw = self._sampling(cfg_scale, temperature, top_k, top_p)  # one completion of the kept rows, not reranked
         codes = self.encode_images([image])
         text = self.text_regions([prompt])
         out = self.lm.generate_images(text, torch.tensor([int(seed)], device=self.device),
