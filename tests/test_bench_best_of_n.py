@@ -3,7 +3,6 @@ what Model.caption / the benchmark give for each candidate count, with the ratio
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
@@ -12,21 +11,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from bench import best_of_n
 from tests.bundles import RESOLUTION, make_bundle
 from visgen.data import shapes
 from visgen.data.captions import detect_language
 from visgen.data.synth import make_scene
 from visgen.eval.captions import caption_metrics
 from visgen.inference import Model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("best_of_n", ROOT / "bench" / "best_of_n.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _shard(path: Path, n: int = 12) -> Path:
@@ -42,7 +33,7 @@ def _shard(path: Path, n: int = 12) -> Path:
 def test_rows_are_the_models_own_numbers_with_ratios(tmp_path, capsys):
     bundle = make_bundle(tmp_path)
     shard = _shard(tmp_path / "00000.tar")
-    bench = _script()
+    bench = best_of_n
     rows = bench.main(["--bundle", str(bundle), "--shard", str(shard), "--offset", "2", "--count", "8",
                        "--caption-candidates", "1,3", "--candidates", "1,2", "--limit-per-task", "1", "--threads", "1"])
     caps = [r for r in rows if r["what"] == "captions"]
@@ -66,7 +57,7 @@ def test_rows_are_the_models_own_numbers_with_ratios(tmp_path, capsys):
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
-    bench = _script()
+    bench = best_of_n
     with pytest.raises(SystemExit):
         bench.main(["--bundle", "x", "--caption-candidates", "1,0"])
     assert "candidate counts must be integers >= 1, got '1,0'" in capsys.readouterr().err
