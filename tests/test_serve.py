@@ -107,7 +107,8 @@ def test_health_model_info_docs_and_page(env):
     page = requests.get(url + "/")  # no token needed for the page itself
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for call in ('call("v1/generate"', 'call("v1/caption"', 'call("v1/model"', 'const BASE = "/"',
-                 '<select id="cap-language">', 'form.append("language"'):
+                 '<select id="cap-language">', 'form.append("language"', 'form.append("candidates"',
+                 'body.candidates = ', 'id="gen-candidates" min="1" max="16"'):
         assert call in page.text
     cap_schema = spec["paths"]["/v1/caption"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert cap_schema["properties"]["language"]["enum"] == ["auto", "en", "zh"]
@@ -170,6 +171,15 @@ def test_caption_by_upload_and_base64_and_edit(env, pipes):
         assert r.status_code == 200 and r.json()["caption"] == want, r.text
         r = http.post(url + "/v1/caption", files={"image": ("x.png", png, "image/png")}, data={"language": lang})
         assert r.status_code == 200 and r.json()["caption"] == want, r.text
+    # best of 3 captions, as Model.caption(candidates=3) writes it, as JSON and as a form field
+    want = pipes[0].caption(Image.open(io.BytesIO(png)), language="en", candidates=3)[0]
+    r = http.post(url + "/v1/caption", json={"image": _b64(png), "language": "en", "candidates": 3})
+    assert r.status_code == 200 and r.json()["caption"] == want, r.text
+    r = http.post(url + "/v1/caption", files={"image": ("x.png", png, "image/png")},
+                  data={"language": "en", "candidates": "3"})
+    assert r.status_code == 200 and r.json()["caption"] == want, r.text
+    r = http.post(url + "/v1/caption", json={"image": _b64(png), "candidates": 99})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "candidates", r.text
     img = _png(16, seed=4)
     r = http.post(url + "/v1/edit", json={"image": _b64(img), "prompt": "a purple hexagon", "keep_rows": 3, "seed": 2})
     assert r.status_code == 200
@@ -313,6 +323,13 @@ def test_playground_in_headless_chromium(env, pipes, tmp_path):
         driver.find_element(By.ID, "cap-button").click()
         wait.until(lambda d: text("caption") != "…" and text("cap-status").startswith("version"))
         assert raw() == want_zh
+        # The best-of-n field: the same upload in Chinese, best of 3 captions.
+        want_best = pipes[0].caption(Image.open(upload), language="zh", candidates=3)[0]
+        driver.find_element(By.ID, "cap-candidates").send_keys("3")
+        driver.execute_script('document.getElementById("caption").textContent = "…";')
+        driver.find_element(By.ID, "cap-button").click()
+        wait.until(lambda d: text("caption") != "…" and text("cap-status").startswith("version"))
+        assert raw() == want_best
         driver.save_screenshot(str(tmp_path / "playground.png"))
     finally:
         driver.quit()

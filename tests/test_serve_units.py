@@ -97,6 +97,11 @@ def test_request_models_carry_the_limits():
     with pytest.raises(RequestError) as err:
         validate(models["generate"], {"prompt": "hi", "candidates": 17})
     assert (err.value.status, err.value.field, err.value.limit) == (422, "candidates", 16)
+    assert validate(models["caption"], {"image": "x"}).candidates is None
+    assert validate(models["caption"], {"image": "x", "candidates": "8"}).candidates == 8  # a multipart field
+    with pytest.raises(RequestError) as err:
+        validate(models["caption"], {"image": "x", "candidates": 0})
+    assert (err.value.status, err.value.field, err.value.limit) == (422, "candidates", 1)
     with pytest.raises(RequestError) as err:
         validate(models["edit"], {"prompt": "hi", "image": "x", "keep_rows": 5})
     assert (err.value.field, err.value.limit) == ("keep_rows", 4)
@@ -138,6 +143,13 @@ def test_the_replica_captions_each_job_in_its_own_language(tmp_path):
         assert o["caption"] == pipe.caption(im, language=lang, seed=0)[0]
     assert not any(re.search(r"[A-Za-z]", o["caption"]) for o, lang in zip(out, langs) if lang == "zh")
     assert all(o["caption"].isascii() for o, lang in zip(out, langs) if lang == "en")
+    # best of n per job: jobs asking for different counts in one batch, each as Model.caption gives it
+    ks = [None, 4, 1, 4, 2, None]
+    out = VisgenModel._run_caption(Served(pipe=pipe, info={"version": "7"}),
+                                   [{"image": im, "language": lang, "seed": 5, "candidates": k}
+                                    for im, lang, k in zip(images, langs, ks)])
+    assert [o["caption"] for o in out] == [pipe.caption(im, language=lang, seed=5, candidates=k)[0]
+                                           for im, lang, k in zip(images, langs, ks)]
 
 
 def _recording_model(calls: list[list[int]], delay_s: float = 0.05, fail_on: int | None = None):

@@ -10,7 +10,8 @@ Endpoints (under the route prefix)::
     GET  /healthz       {"status": "ok", "version": ...}
     GET  /v1/model      name, version, aliases, eval scores, sampling defaults, resolution
     POST /v1/generate   {prompt, n, seed, cfg_scale, temperature, top_k, top_p, candidates} -> base64 PNGs (or image/png)
-    POST /v1/caption    image (multipart field "image", or JSON {"image": base64}) + language (auto | en | zh) -> caption
+    POST /v1/caption    image (multipart field "image", or JSON {"image": base64}) + language (auto | en | zh)
+                        + candidates -> caption
     POST /v1/edit       image + prompt + keep_rows (+ sampling) -> base64 PNG (or image/png)
     GET  /docs, /openapi.json
 
@@ -72,7 +73,8 @@ class Ingress:
 
     # -- routes ----------------------------------------------------------------------------------
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(playground_html(self.cfg.route_prefix, self.limits.max_prompt_chars, self.limits.max_n))
+        return HTMLResponse(playground_html(self.cfg.route_prefix, self.limits.max_prompt_chars, self.limits.max_n,
+                                            self.limits.max_candidates))
 
     async def healthz(self, request: Request) -> Response:
         info = await self._info()
@@ -105,7 +107,8 @@ class Ingress:
         if self._resolution is None:
             await self._info()
         image = decode_image(data, self.limits, "image", resolution=self._resolution, prep=self._prep)
-        result = self._result(await self._call(self.model.caption.remote({"image": image, "language": req.language})))
+        result = self._result(await self._call(self.model.caption.remote({"image": image, "language": req.language,
+                                                                            "candidates": req.candidates})))
         return JSONResponse({"caption": result["caption"], "version": result["version"],
                              "request_id": request.state.rid}, headers={VERSION_HEADER: str(result["version"])})
 

@@ -71,7 +71,11 @@ def request_models(limits: ServeLimits, grid_rows: int | None = None) -> dict[st
                             candidates=candidates, **sampling)
     language = (Literal["auto", "en", "zh"], Field("auto", description="Caption language: auto (the model chooses), "
                                                    "en or zh (forced; the other script is blocked)."))
-    caption = create_model("CaptionRequest", __config__=strict, image=image, language=language)
+    caption_candidates = (int | None, Field(None, ge=1, le=limits.max_candidates, description=(
+        "Write this many captions and return the one under which the model finds the image likeliest "
+        "(default: the model's).")))
+    caption = create_model("CaptionRequest", __config__=strict, image=image, language=language,
+                           candidates=caption_candidates)
     rows = Field(ge=0, le=grid_rows, description="Token rows kept from the top; the rest is redrawn.") if grid_rows is not None \
         else Field(ge=0, description="Token rows kept from the top; the rest is redrawn.")
     edit = create_model("EditRequest", __config__=strict, image=image, prompt=prompt, keep_rows=(int, rows), **sampling)

@@ -1,7 +1,7 @@
 """The playground page served at ``/``: one static HTML file that calls the public endpoints.
 
 Prompt → images (``POST v1/generate``), upload → caption in the chosen language (``POST
-v1/caption``: auto / English / Chinese), and the served model version (``GET v1/model``). An optional bearer token field is sent as ``Authorization``.
+v1/caption``: auto / English / Chinese; both with an optional best-of-n count), and the served model version (``GET v1/model``). An optional bearer token field is sent as ``Authorization``.
 """
 
 import html
@@ -33,6 +33,8 @@ PAGE = """<!doctype html>
   <p>
    <label>images <input type="number" id="n" min="1" max="__MAX_N__" value="4"></label>
    <label>seed <input type="number" id="seed" min="0" value="0"></label>
+   <label title="draw this many per image and keep the one the model judges best; empty: the model's default">best of
+    <input type="number" id="gen-candidates" min="1" max="__MAX_CANDIDATES__" placeholder="default"></label>
    <button type="submit" id="gen-button">Generate</button>
   </p>
  </form>
@@ -49,6 +51,8 @@ PAGE = """<!doctype html>
    <option value="en">English</option>
    <option value="zh">中文 (Chinese)</option>
   </select></label>
+  <label title="write this many captions and keep the one the model judges best; empty: the model's default">best of
+   <input type="number" id="cap-candidates" min="1" max="__MAX_CANDIDATES__" placeholder="default"></label>
   <button type="submit" id="cap-button">Caption</button>
  </form>
  <p>Caption: <strong id="caption"></strong></p>
@@ -96,6 +100,7 @@ $("gen-form").addEventListener("submit", async (ev) => {
   const t0 = performance.now();
   try {
     const body = {prompt: $("prompt").value, n: parseInt($("n").value, 10), seed: parseInt($("seed").value, 10)};
+    if ($("gen-candidates").value) body.candidates = parseInt($("gen-candidates").value, 10);
     const r = await call("v1/generate", {method: "POST", headers: headers({"Content-Type": "application/json"}),
                                          body: JSON.stringify(body)});
     $("images").replaceChildren(...r.images.map((im) => {
@@ -118,6 +123,7 @@ $("cap-form").addEventListener("submit", async (ev) => {
     const form = new FormData();
     form.append("image", $("file").files[0]);
     form.append("language", $("cap-language").value);
+    if ($("cap-candidates").value) form.append("candidates", $("cap-candidates").value);
     const r = await call("v1/caption", {method: "POST", headers: headers(), body: form});
     $("caption").textContent = r.caption;
     $("cap-status").textContent = "version " + r.version;
@@ -134,9 +140,10 @@ loadModel();
 """
 
 
-def playground_html(route_prefix: str, max_prompt_chars: int = 500, max_n: int = 8) -> str:
+def playground_html(route_prefix: str, max_prompt_chars: int = 500, max_n: int = 8, max_candidates: int = 16) -> str:
     """The page, with the endpoints resolved against ``route_prefix`` (so it works under any prefix)."""
     base = route_prefix.rstrip("/") + "/"
     return (PAGE.replace("__BASE__", json.dumps(base))
             .replace("__MAX_PROMPT__", html.escape(str(max_prompt_chars)))
-            .replace("__MAX_N__", html.escape(str(max_n))))
+            .replace("__MAX_N__", html.escape(str(max_n)))
+            .replace("__MAX_CANDIDATES__", html.escape(str(max_candidates))))
