@@ -152,6 +152,18 @@ def test_best_of_n_captions_keep_the_one_under_which_the_image_is_likeliest(pipe
         pipe.caption(images, candidates=0)
     with pytest.raises(TypeError, match="candidates must be an integer"):
         pipe.caption(images, candidates="3")
+    # one count per image: each image as a call with its own count (seeds by position), batched or not
+    ks = [k, None, 1, k]
+    want = [pipe.caption(im, language=lang, seed=2 + i, candidates=c)[0]
+            for i, (im, lang, c) in enumerate(zip(images, ["en", "zh", "auto", "en"], ks))]
+    for batch_size in (None, 1):
+        assert pipe.caption(images, language=["en", "zh", "auto", "en"], seed=2, candidates=ks,
+                            batch_size=batch_size) == want
+    assert want[0] == chosen[0] and want[3] == chosen[3]
+    with pytest.raises(ValueError, match="candidates: 2 counts for 4 images"):
+        pipe.caption(images, candidates=[2, 3])
+    with pytest.raises(TypeError, match="image 1: candidates must be an integer"):
+        pipe.caption(images, candidates=[2, "3", 1, 1])
 
 
 def test_caption_takes_one_seed_per_image(pipe):

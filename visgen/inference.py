@@ -405,7 +405,7 @@ class Model:
 
     def caption(self, images: Any | Sequence[Any], *, language: str | Sequence[str] = "auto",
                 seed: int | Sequence[int] = 0, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
-                candidates: int | None = None, batch_size: int | None = 64) -> list[str]:
+                candidates: int | Sequence[int | None] | None = None, batch_size: int | None = 64) -> list[str]:
         """One caption per image (greedy by default), ``batch_size`` images per forward (``None``: all in one).
 
         ``language``: "auto" (the model chooses), "en" or "zh" — one for all images or one per
@@ -415,7 +415,8 @@ class Model:
         ``candidates`` (default: the bundle's ``sampling.caption_candidates``): write that many
         captions per image, the first at ``temperature`` and the rest at
         ``sampling.caption_candidate_temperature``, and return the one under which the model finds
-        the image likeliest (:meth:`image_nll`).
+        the image likeliest (:meth:`image_nll`). One count for all images, or one per image (None:
+        the default); images with the same count are captioned together.
         """
         images = [images] if _is_single_image(images) else list(images)
         langs = caption_languages(language, len(images))
@@ -429,13 +430,26 @@ class Model:
             raise ValueError(f"batch_size must be >= 1 or None (all in one forward), got {batch_size}")
         temp = self.sampling.caption_temperature if temperature is None else float(temperature)
         SamplingConfig(caption_temperature=temp, top_k=top_k, top_p=top_p)
-        k = self._candidates(candidates, "caption_candidates")
+        if isinstance(candidates, (list, tuple)):
+            if len(candidates) != len(images):
+                raise ValueError(f"candidates: {len(candidates)} counts for {len(images)} images "
+                                 "(give one, or one per image)")
+            ks = [self._candidates(c, "caption_candidates", f"image {i}: ") for i, c in enumerate(candidates)]
+        else:
+            ks = [self._candidates(candidates, "caption_candidates")] * len(images)
+        groups: dict[int, list[int]] = {}  # candidate count -> image indices
+        for i, k in enumerate(ks):
+            groups.setdefault(k, []).append(i)
         step = batch_size or max(1, len(images))
-        out: list[str] = []
-        for i in range(0, len(images), step):
-            codes = self.encode_images(images[i:i + step])  # (B, N)
-            out.extend(self._best_captions(codes, seeds[i:i + step], langs[i:i + step], k, temperature=temp,
-                                           top_k=top_k, top_p=top_p))
+        out: list[str] = [""] * len(images)
+        for k, idx in groups.items():
+            for at in range(0, len(idx), step):
+                chunk = idx[at:at + step]
+                codes = self.encode_images([images[i] for i in chunk])  # (B, N)
+                texts = self._best_captions(codes, [seeds[i] for i in chunk], [langs[i] for i in chunk], k,
+                                            temperature=temp, top_k=top_k, top_p=top_p)
+                for i, text in zip(chunk, texts):
+                    out[i] = text
         return out
 
     def _best_captions(self, codes: torch.Tensor, seeds: Sequence[int], langs: Sequence[str], k: int, *,

@@ -301,19 +301,13 @@ class VisgenModel:
 
     @staticmethod
     def _run_caption(served: Served, jobs: list[dict]) -> list[dict]:
-        # One forward per candidate count in the batch: language and seed per job (forced token +
-        # blocked script); a job's caption does not depend on what it is batched with.
+        # One forward per candidate count in the batch: language, seed and count per job (forced
+        # token + blocked script); a job's caption does not depend on what it is batched with.
         pipe, version = served.pipe, served.info.get("version")
-        groups: dict[int | None, list[int]] = {}
-        for i, j in enumerate(jobs):
-            groups.setdefault(j.get("candidates"), []).append(i)
-        texts: list[str] = [""] * len(jobs)
-        for k, idx in groups.items():
-            out = pipe.caption([np.asarray(jobs[i]["image"], dtype=np.uint8) for i in idx],
-                               language=[jobs[i].get("language", "auto") for i in idx],
-                               seed=[jobs[i].get("seed", 0) for i in idx], candidates=k, batch_size=None)
-            for i, t in zip(idx, out):
-                texts[i] = t
+        texts = pipe.caption([np.asarray(j["image"], dtype=np.uint8) for j in jobs],
+                             language=[j.get("language", "auto") for j in jobs],
+                             seed=[j.get("seed", 0) for j in jobs],
+                             candidates=[j.get("candidates") for j in jobs], batch_size=None)
         return [{"caption": t, "version": version, "batch": len(jobs)} for t in texts]
 
     @staticmethod
