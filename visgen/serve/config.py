@@ -28,7 +28,8 @@ class ServeLimits(Section):
     max_top_k: int = Field(100_000, ge=0, le=1 << 20, description="Largest top_k accepted (0 = all codes is always allowed).")
     max_seed: int = Field(2**31 - 1, ge=0, le=2**47, description="Largest seed accepted (below 2**48, where best-of-n candidates draw).")
     max_candidates: int = Field(16, ge=1, le=64, description=(
-        "Most best-of-n candidates one generate request may ask for per image (each costs about one more image)."))
+        "Most best-of-n candidates a generate request may ask for per image (each costs about one more image), "
+        "and a caption request per caption."))
 
 
 class ServeConfig(Section):

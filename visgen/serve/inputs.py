@@ -63,19 +63,19 @@ def request_models(limits: ServeLimits, grid_rows: int | None = None) -> dict[st
     )
     prompt = (str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw (any language the model reads)."))
     image = (str, Field(min_length=1, description="The image file (PNG, JPEG or WebP), base64-encoded."))
-    candidates = (int | None, Field(None, ge=1, le=limits.max_candidates, description=(
-        "Draw this many images per image and return the one whose prompt the model finds the likeliest "
-        "caption of it (default: the model's).")))
+    def best_of(what: str) -> tuple:
+        return (int | None, Field(None, ge=1, le=limits.max_candidates, description=f"{what} (default: the model's)."))
+
+    candidates = best_of("Draw this many images per image and return the one whose prompt the model finds the "
+                         "likeliest caption of it")
     generate = create_model("GenerateRequest", __config__=strict, prompt=prompt,
                             n=(int, Field(1, ge=1, le=limits.max_n, description="Images to draw.")),
                             candidates=candidates, **sampling)
     language = (Literal["auto", "en", "zh"], Field("auto", description="Caption language: auto (the model chooses), "
                                                    "en or zh (forced; the other script is blocked)."))
-    caption_candidates = (int | None, Field(None, ge=1, le=limits.max_candidates, description=(
-        "Write this many captions and return the one under which the model finds the image likeliest "
-        "(default: the model's).")))
     caption = create_model("CaptionRequest", __config__=strict, image=image, language=language,
-                           candidates=caption_candidates)
+                           candidates=best_of("Write this many captions and return the one under which the "
+                                              "model finds the image likeliest"))
     rows = Field(ge=0, le=grid_rows, description="Token rows kept from the top; the rest is redrawn.") if grid_rows is not None \
         else Field(ge=0, description="Token rows kept from the top; the rest is redrawn.")
     edit = create_model("EditRequest", __config__=strict, image=image, prompt=prompt, keep_rows=(int, rows), **sampling)
