@@ -546,6 +546,87 @@ def test_pooled_condition_reaches_every_output_slot_stays_causal_and_decodes_as_
     assert torch.equal(back.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
 
 
+def test_grid_context_feeds_each_t2i_slot_the_codes_above_its_target_causally(tmp_path):
+    m = _fresh_model(grid_context=True)
+    with torch.no_grad():
+        m.ctx_proj.weight.mul_(50)  # large enough that the context decides the samples
+    lay = m.layout
+    t2i, i2t = torch.full((1,), TASK_T2I), torch.full((1,), TASK_I2T)
+    image = torch.randint(0, CODES, (1, 16), generator=torch.Generator().manual_seed(1))
+    seq = lay.t2i(_texts(m, 1), image)
+    positions = torch.arange(lay.length)
+    # The slot predicting cell (2, 1) (= 9 on the 4 x 4 grid) reads cells (1, 0), (1, 1), (1, 2): 4, 5, 6;
+    # changing only cell 5 moves that slot's input, and the slot predicting cell (0, 1) reads nothing.
+    other = image.clone()
+    other[0, 5] = (other[0, 5] + 1) % CODES
+    x = m.grid_context(seq, positions, t2i)
+    y = m.grid_context(lay.t2i(_texts(m, 1), other), positions, t2i)
+    moved = {int(i) for i in torch.nonzero((x - y).abs().sum(-1)[0] > 0)[:, 0]}
+    assert moved == {lay.t2i_soi + j for j in (8, 9, 10)}  # the cells below-right, below, below-left of 5
+    assert torch.equal(x[0, lay.t2i_soi + 1], torch.zeros(m.cfg.d_model))  # first row: nothing above
+    # Edges: column 0 has no above-left, column 3 no above-right
+    ids = m.context_slot[lay.t2i_soi + 4] - lay.t2i_image.start
+    assert ids.tolist() == [lay.length - lay.t2i_image.start, 0, 1]
+    # Causal: a slot's hidden state does not depend on any code at or after the one it predicts.
+    h = m.hidden(seq, t2i)
+    for j in (5, 9, 15):
+        later = image.clone()
+        later[0, j:] = (later[0, j:] + 7) % CODES
+        h2 = m.hidden(lay.t2i(_texts(m, 1), later), t2i)
+        torch.testing.assert_close(h2[0, : lay.t2i_soi + j + 1], h[0, : lay.t2i_soi + j + 1])
+    # i2t rows get no context (their image is the condition, read in full by attention)
+    assert torch.equal(m.grid_context(lay.i2t(image, _texts(m, 1)), positions, i2t), torch.zeros(1, lay.length, m.cfg.d_model))
+    # The KV-cache decode reads the codes it already wrote: samples equal full recomputation, edits too.
+    seeds = torch.tensor([5, 6, 7])
+    a = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0)
+    assert torch.equal(a, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, use_cache=False))
+    prefix = a[:, :6]
+    e = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, prefix=prefix)
+    assert torch.equal(e, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, prefix=prefix,
+                                            use_cache=False))
+    plain = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("ctx_proj")})
+    assert not torch.equal(plain.eval().generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm")
+    assert back.cfg.grid_context and torch.equal(back.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
+    # an older model's files keep their fingerprint: the field is left out at its default
+    assert "grid_context" not in plain.cfg.model_dump(exclude_defaults=True)
+
+
+def test_object_temperature_redraws_non_background_codes_among_the_others():
+    m = _fresh_model()
+    lay, seeds = m.layout, torch.tensor([5, 6, 7])
+    plain = m.generate_images(_texts(m), seeds, temperature=1.0)
+    bg = int(plain.flatten().mode().values)  # the model's most drawn code stands for the background
+    g = m.generate_images(_texts(m), seeds, temperature=1.0, object_temperature=0.0, background=bg)
+    # Teacher-forced on its own output: every code that is not the background is the most likely
+    # of the others at its slot (the slot t2i_soi + j predicts cell j).
+    h = m.hidden(lay.t2i(_texts(m), g), torch.full((3,), TASK_T2I))
+    logits = m.image_logits(h[:, lay.t2i_soi: lay.t2i_soi + lay.n_image]).float()
+    best_other = logits.index_fill(2, torch.tensor([bg]), float("-inf")).argmax(-1)
+    obj = g != bg
+    assert obj.any() and (~obj).any()
+    assert torch.equal(g[obj], best_other[obj])
+    # Whether a slot is background is the plain draw: the first cell where the two differ is one
+    # the plain draw gave an object code, redrawn as the most likely object code.
+    row, col = torch.nonzero(plain != g)[0].tolist()
+    assert torch.equal(plain[row, :col], g[row, :col]) and plain[row, col] != bg and g[row, col] == best_other[row, col]
+    # Guided, sampled objects, cached decode equal to full recomputation; edits too.
+    kw = dict(cfg_scale=2.5, temperature=1.0, object_temperature=0.7, background=bg)
+    a = m.generate_images(_texts(m), seeds, **kw)
+    assert torch.equal(a, m.generate_images(_texts(m), seeds, use_cache=False, **kw))
+    assert not torch.equal(a, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0))
+    e = m.generate_images(_texts(m), seeds, prefix=a[:, :6], **kw)
+    assert torch.equal(e, m.generate_images(_texts(m), seeds, prefix=a[:, :6], use_cache=False, **kw))
+    for bad, match in [(dict(object_temperature=0.5), "go together"), (dict(background=3), "go together"),
+                       (dict(object_temperature=-1.0, background=3), "object_temperature must be"),
+                       (dict(object_temperature=0.5, background=CODES), "background must be a code id"),
+                       (dict(object_temperature=0.5, background=True), "background must be a code id")]:
+        with pytest.raises(ValueError, match=match):
+            m.generate_images(_texts(m), seeds, **bad)
+
+
 def test_rope_2d_makes_image_attention_see_grid_offsets_and_decodes_as_recomputed(tmp_path):
     m = _fresh_model(rope_2d=True)
     lay = m.layout

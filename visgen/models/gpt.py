@@ -71,6 +71,7 @@ EN, ZH = LANG_IDS["en"], LANG_IDS["zh"]
 CAPTION_LANGUAGES = ("auto", *LANG_IDS)  # what captioning accepts: the model chooses, or one language
 TASK_T2I, TASK_I2T = 0, 1
 LM_FORMAT = "visgen-lm/2"  # /2: language tokens (ids 8-9) and the language slot of the i2t layout
+OBJECT_NOISE = 1 << 20  # object_temperature's second draw: its noise counter, past any image's step
 
 
 class GPTConfig(Section):
@@ -95,6 +96,11 @@ class GPTConfig(Section):
         "Add a learned projection of the condition's mean token embedding (the prompt's words in text -> image, "
         "the picture's codes in image -> text) to every position after the condition: each output slot sees "
         "the whole condition from the first layer on, before attention has learned where to look for it."))
+    grid_context: bool = Field(False, description=(
+        "Add to the input of each text -> image slot a learned projection of the embeddings of the three codes "
+        "above the code it predicts (above-left, above, above-right; the code to its left is the slot's own "
+        "input): every slot sees the causal neighbourhood an outline continues from, without attention having "
+        "to learn where on the grid it lies. Image -> text and text slots are unchanged."))
     rope_2d: bool = Field(False, description=(
         "Rotate the queries and keys of image tokens by their row (half of each head's dimensions) and column "
         "(the other half), 2D RoPE: attention between two image tokens depends on their offset on the grid "
@@ -306,6 +312,8 @@ class DecodeState(nn.Module):
             "cfg_scale": torch.ones((), **f32),
             "temperature": torch.ones((), **f32),
             "top_p": torch.ones((), **f32),
+            "object_temperature": torch.ones((), **f32),  # images: of the code drawn once not the background
+            "background": torch.zeros((), **long),  # images: the background code of object_temperature
             "forced": torch.zeros(rows, **long),  # (B,) captions: the requested language token, -1 = the model's choice
             "blocked": torch.zeros(rows, text_vocab, dtype=torch.bool, device=device),  # (B, V_text) captions
             "done": torch.zeros(rows, dtype=torch.bool, device=device),  # (B,) captions: <eos> written
@@ -319,7 +327,7 @@ class DecodeState(nn.Module):
 
     def start(self, seq: torch.Tensor, task: int, seeds: torch.Tensor, *, pos: int, step: int, temperature: float,
               top_p: float, cfg_scale: float = 1.0, forced: torch.Tensor | None = None,
-              blocked: torch.Tensor | None = None) -> None:
+              blocked: torch.Tensor | None = None, object_temperature: float = 1.0, background: int = 0) -> None:
         """Load a new batch (copies and fills: no buffer is replaced)."""
         self.seq.copy_(seq)
         self.task.fill_(task)
@@ -329,6 +337,8 @@ class DecodeState(nn.Module):
         self.cfg_scale.fill_(cfg_scale)
         self.temperature.fill_(temperature)
         self.top_p.fill_(top_p)
+        self.object_temperature.fill_(object_temperature)
+        self.background.fill_(background)
         self.done.zero_()
         if forced is not None:
             self.forced.copy_(forced)
@@ -442,6 +452,8 @@ class VisGPT(nn.Module):
         self.head = _TiedHead(self.tok_emb) if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.pooled_condition:
             self.cond_proj = nn.Linear(d, d, bias=False)
+        if cfg.grid_context:
+            self.ctx_proj = nn.Linear(3 * d, d, bias=False)
         if cfg.code_looks:  # filled by set_code_looks() from the image tokenizer, saved with the weights
             self.register_buffer("code_look", torch.zeros(cfg.codebook_size, LOOK_DIM))
             self.look_in = nn.Linear(LOOK_DIM, d, bias=False)
@@ -453,6 +465,15 @@ class VisGPT(nn.Module):
         slot[TASK_T2I, lay.t2i_image] = torch.arange(n)
         slot[TASK_I2T, lay.i2t_image] = torch.arange(n)
         self.register_buffer("image_slot", slot, persistent=False)
+        # grid_context: per t2i slot, the slots holding the codes above-left, above and above-right of
+        # the code that slot predicts (slot t2i_soi + j predicts cell j); L where there is none.
+        target = torch.arange(n)
+        r, c = target // w, target % w
+        above = torch.full((L, 3), L, dtype=torch.long)
+        for k, dc in enumerate((-1, 0, 1)):
+            ok = (r > 0) & (c + dc >= 0) & (c + dc < w)
+            above[lay.t2i_soi + target[ok], k] = lay.t2i_image.start + (r[ok] - 1) * w + c[ok] + dc
+        self.register_buffer("context_slot", above, persistent=False)
         if cfg.rope_2d:  # per task and slot, the rotation angles: rows on the first half of the pairs, columns on the second
             quarter = cfg.head_dim // 4
             freq = cfg.rope_base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -536,10 +557,25 @@ class VisGPT(nn.Module):
         codes = self.tok_emb(tokens[:, lay.i2t_image]).mean(1)
         return self.cond_proj(torch.where((task == TASK_T2I)[:, None], words, codes))
 
+    def grid_context(self, seq: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """``grid_context``: (B, s, d), at slots ``positions`` (s,) of the sequences ``seq`` (B, >= the
+        slots read), the projected embeddings of the codes above-left, above and above-right of the
+        code each t2i slot predicts (zero where the grid has none, and on i2t rows). Every slot read
+        lies before the slot itself, so the model stays causal."""
+        L = self.layout.length
+        idx = self.context_slot[positions]  # (s, 3)
+        b, s = seq.shape[0], idx.shape[0]
+        ids = seq.gather(1, idx.clamp(max=seq.shape[1] - 1).reshape(1, -1).expand(b, -1))  # (B, 3s)
+        keep = (idx < L).to(self.tok_emb.weight.dtype)[None, :, :, None]  # (1, s, 3, 1)
+        e = self.tok_emb(ids).view(b, s, 3, -1) * keep
+        return self.ctx_proj(e.flatten(2)) * (task == TASK_T2I).to(e.dtype)[:, None, None]
+
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor,
-              cond: torch.Tensor | None = None) -> torch.Tensor:
+              cond: torch.Tensor | None = None, seq: torch.Tensor | None = None) -> torch.Tensor:
         """(B, s) ids at slots ``positions`` (s,) of layout ``task`` (B,) → (B, s, d); ``cond`` (B, d),
-        :meth:`condition`, is added at the slots after the condition."""
+        :meth:`condition`, is added at the slots after the condition. ``seq`` (B, >= s's slots): the
+        whole sequences the ids come from, which ``grid_context`` reads (default: ``tokens``, when
+        they are the sequences from slot 0)."""
         n = self.layout.n_image
         w = self.cfg.grid[1]
         cells = torch.arange(n, device=tokens.device)
@@ -553,6 +589,8 @@ class VisGPT(nn.Module):
             is_image = ((tokens >= tv) & (tokens < tv + k))[..., None]
             x = x + F.embedding(code, self.look_in(self.code_look.to(x.dtype))) * is_image
         x = x + self.pos_emb(positions) + cell[slot]
+        if self.cfg.grid_context:
+            x = x + self.grid_context(tokens if seq is None else seq, positions, task)
         if cond is not None:
             after = (positions[None] >= self.cond_from[task][:, None]).unsqueeze(-1)  # (B, s, 1)
             x = x + cond[:, None].to(x.dtype) * after
@@ -710,20 +748,23 @@ class VisGPT(nn.Module):
 
     def forward_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Run ``tokens`` (B, s) at slots ``input_pos`` (s,) through the cache → hidden (B, s, d)."""
-        cond = self.decode_state.cond if self.cfg.pooled_condition else None  # set by _decode's prefill
-        x = self.embed(tokens, input_pos, task, cond)
+        st = self.decode_state
+        cond = st.cond if self.cfg.pooled_condition else None  # set by _decode's prefill
+        x = self.embed(tokens, input_pos, task, cond, seq=st.seq if self.cfg.grid_context else None)
         mask = self.causal[input_pos][None, None]  # (1, 1, s, L): each new token sees itself and the past
         rope = self.rope(input_pos, task)
         for block in self.blocks:
             x = block(x, input_pos, mask, rope)
         return self.norm(x)
 
-    def decode_image_step(self, guided: bool, greedy: bool, top_k: int, nucleus: bool) -> None:
+    def decode_image_step(self, guided: bool, greedy: bool, top_k: int, nucleus: bool, split: bool = False,
+                          object_greedy: bool = False) -> None:
         """One image code for every row of :attr:`decode_state`, in place (what ``compile_decode``
         compiles): the token at ``pos`` through the cache, then :meth:`_emit_image`."""
         st = self.decode_state
         h = self.forward_step(st.seq.index_select(1, st.pos), st.pos, st.task)[:, -1]  # (B', d)
-        self._emit_image(h, guided=guided, greedy=greedy, top_k=top_k, nucleus=nucleus)
+        self._emit_image(h, guided=guided, greedy=greedy, top_k=top_k, nucleus=nucleus, split=split,
+                         object_greedy=object_greedy)
 
     def decode_text_step(self, greedy: bool, top_k: int, nucleus: bool) -> None:
         """One caption token for every row of :attr:`decode_state`, in place (see :meth:`_emit_text`)."""
@@ -731,9 +772,12 @@ class VisGPT(nn.Module):
         h = self.forward_step(st.seq.index_select(1, st.pos), st.pos, st.task)[:, -1]  # (B, d)
         self._emit_text(h, greedy=greedy, top_k=top_k, nucleus=nucleus)
 
-    def _emit_image(self, h: torch.Tensor, *, guided: bool, greedy: bool, top_k: int, nucleus: bool) -> None:
+    def _emit_image(self, h: torch.Tensor, *, guided: bool, greedy: bool, top_k: int, nucleus: bool,
+                    split: bool = False, object_greedy: bool = False) -> None:
         """Hidden states at ``pos`` (B', d) → the next image code of each prompt, written at ``pos + 1``
-        (the null-prompt half of a guided batch gets the same code)."""
+        (the null-prompt half of a guided batch gets the same code). ``split``: a draw that is not
+        the background code is replaced by a draw among the other codes at ``object_temperature``
+        (``object_greedy``: their argmax), with noise of its own (step counter offset by 2**20)."""
         st = self.decode_state
         logits = self.image_logits(h).float()  # (B', K)
         if guided:
@@ -741,6 +785,11 @@ class VisGPT(nn.Module):
         b = logits.shape[0]
         code = pick(logits, st.seeds[:b], st.step, st.temperature, st.top_p,
                     greedy=greedy, top_k=top_k, nucleus=nucleus)  # (B,)
+        if split:
+            rest = logits.index_fill(1, st.background.view(1), float("-inf"))
+            other = pick(rest, st.seeds[:b], st.step + OBJECT_NOISE, st.object_temperature, st.top_p,
+                         greedy=object_greedy, top_k=0, nucleus=False)
+            code = torch.where(code == st.background, code, other)
         self._advance((code.repeat(2) if guided else code) + self.cfg.text_vocab)
 
     def _emit_text(self, h: torch.Tensor, *, greedy: bool, top_k: int, nucleus: bool) -> None:
@@ -801,15 +850,29 @@ class VisGPT(nn.Module):
     @torch.no_grad()
     def generate_images(self, text: torch.Tensor, seeds: torch.Tensor, *, cfg_scale: float = 1.0,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        prefix: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+                        prefix: torch.Tensor | None = None, use_cache: bool = True,
+                        object_temperature: float | None = None, background: int | None = None) -> torch.Tensor:
         """Sample image codes (B, N) for text regions (B, S) (see :meth:`Layout.text_region`).
 
         ``cfg_scale`` != 1 runs the null prompt alongside (the batch doubled) and samples from
         ``uncond + cfg_scale * (cond - uncond)``. ``prefix`` (B, P) fixes the first P codes
         (raster order: whole rows above a cut) and samples the rest: completion / editing.
         ``seeds`` (B,) int64: row i's samples depend only on seeds[i] and its own logits.
+        ``object_temperature`` (with ``background``, a code id): whether a slot gets the background
+        code is drawn as above; a slot that does not gets a code drawn among the others at this
+        temperature instead (0 = their most likely), so objects are drawn sharper without the
+        background, the per-slot mode of a sparse scene, winning more slots.
         """
         check_sampling(temperature, top_k, top_p)
+        if (object_temperature is None) != (background is None):
+            raise ValueError(f"object_temperature and background go together; got object_temperature="
+                             f"{object_temperature!r}, background={background!r}")
+        if object_temperature is not None:
+            if not 0.0 <= object_temperature <= 10.0:
+                raise ValueError(f"object_temperature must be in [0, 10], got {object_temperature}")
+            if isinstance(background, bool) or not isinstance(background, int) \
+                    or not 0 <= background < self.cfg.codebook_size:
+                raise ValueError(f"background must be a code id in [0, {self.cfg.codebook_size}), got {background!r}")
         lay, dev = self.layout, self.head.weight.device
         b = text.shape[0]
         if tuple(seeds.shape) != (b,):
@@ -827,9 +890,12 @@ class VisGPT(nn.Module):
             return seq[:b, lay.t2i_image] - lay.text_vocab
         first = lay.t2i_soi + p  # slot whose output predicts code p
         st = self._decode_state(seq.shape[0], dev)
+        split = object_temperature is not None
         st.start(seq, TASK_T2I, seeds.repeat(2) if guided else seeds, pos=first, step=p, cfg_scale=cfg_scale,
-                 temperature=temperature, top_p=top_p)
-        plan = dict(guided=guided, **_plan(temperature, top_k, top_p, self.cfg.codebook_size))
+                 temperature=temperature, top_p=top_p, object_temperature=object_temperature if split else 1.0,
+                 background=background if split else 0)
+        plan = dict(guided=guided, **_plan(temperature, top_k, top_p, self.cfg.codebook_size),
+                    split=split, object_greedy=split and object_temperature == 0)
         step = self._compiled_steps.get("image", self.decode_image_step)
         self._decode(self._emit_image, step, first, lay.n_image - p, use_cache, plan)
         return st.seq[:b, lay.t2i_image] - lay.text_vocab
@@ -876,7 +942,8 @@ class VisGPT(nn.Module):
     def fingerprint(self) -> str:
         """sha256 of the config and every weight."""
         return fingerprint(self.cfg, self.state_dict(),
-                           late_fields=("code_looks", "tie_embeddings", "pooled_condition", "rope_2d", "rope_base"))
+                           late_fields=("code_looks", "tie_embeddings", "pooled_condition", "rope_2d", "rope_base",
+                                        "grid_context"))
 
 
 # ---------------------------------------------------------------------------------------------
