@@ -304,6 +304,8 @@ def test_pipeline_job_end_to_end_through_ray_job_submit_then_rerun(tmp_path):
     assert search["prompt_set"] == "geneval-shapes-val" and len(search["trials"]) >= 3
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["sampling_spec"]["cfg_scale"] == 2.0 and manifest["sampling_search"]["chosen"] == search["chosen"]
+    # the most common training code, which sampling.object_temperature takes as the background
+    assert isinstance(manifest["background_code"]["code"], int) and 0 < manifest["background_code"]["share"] <= 1
     assert {k: lm_eval["sampling"][k] for k in search["chosen"]} == search["chosen"]
 
     # registered, promoted, served: the app answered one generate and one caption request over HTTP

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,34 @@ def test_bad_inputs_name_the_problem(pipe):
         pipe.generate([3])
     with pytest.raises(ValueError, match="uint8"):
         pipe.caption([np.zeros((16, 16, 3), np.float32)])
+
+
+def test_object_temperature_draws_with_the_bundles_background_code(bundle, tmp_path):
+    def variant(name: str, **fields) -> Path:
+        out = tmp_path / name
+        shutil.copytree(bundle, out)
+        m = json.loads((out / "manifest.json").read_text())
+        m.update(fields)
+        (out / "manifest.json").write_text(json.dumps(m))
+        return out
+
+    sampling = {**read_manifest(bundle)["sampling"], "object_temperature": 0.0}
+    model = Model.load(variant("bg", sampling=sampling, background_code={"code": 3, "share": 0.5}), device="cpu")
+    assert model.background_code == 3 and model.info()["sampling"]["object_temperature"] == 0.0
+    text = model.text_regions(["a red circle"])
+    want = model.lm.generate_images(text, torch.tensor([4]), cfg_scale=model.sampling.cfg_scale,
+                                    temperature=model.sampling.temperature, object_temperature=0.0, background=3)
+    np.testing.assert_array_equal(model.generate("a red circle", seed=4)[0], model.decode_codes(want)[0])
+    # a batch of requests draws the same way
+    np.testing.assert_array_equal(model.generate_many([GenerationRequest("a red circle", n=1, seed=4)])[0][0],
+                                  model.decode_codes(want)[0])
+    # a bundle that asks for it without a background code, or with one its tokenizer lacks, is refused at load
+    with pytest.raises(ValueError, match="object_temperature=0.0 needs a background code.*none recorded"):
+        Model.load(variant("none", sampling=sampling), device="cpu")
+    with pytest.raises(ValueError, match="the most common, code 3, covers 12.0%"):
+        Model.load(variant("low", sampling=sampling, background_code={"code": 3, "share": 0.12}), device="cpu")
+    with pytest.raises(ValueError, match="background_code 9999 is not a code"):
+        Model.load(variant("far", sampling=sampling, background_code={"code": 9999, "share": 0.5}), device="cpu")
 
 
 def test_mismatched_or_tampered_bundles_are_refused(bundle, tmp_path):

@@ -122,6 +122,8 @@ def test_spec_objects_are_immutable():
     ("lm.model.pooled_condition", "maybe", "lm.model.pooled_condition: 'maybe' is not allowed: Input should be a valid boolean"),
     ("lm.model.preset", "huge", "lm.model.preset: 'huge' is not allowed: choose one of"),
     ("eval.sampling_search.prompts_per_task", 0, "eval.sampling_search.prompts_per_task: 0 is not allowed"),
+    ("lm.model.grid_context", "maybe", "lm.model.grid_context: 'maybe' is not allowed: Input should be a valid boolean"),
+    ("sampling.object_temperature", -0.5, "sampling.object_temperature: -0.5 is not allowed"),
 ])
 def test_a_sections_own_check_is_reported_alone_not_with_the_whole_spec(key, value, line):
     # These checks run inside the spec's composition; the message is the header and the one line

@@ -270,6 +270,13 @@ def test_cache_holds_the_encoder_ids_text_ids_and_fingerprint(ray_session, world
     few = read_token_rows(root / "cache", "train", 3)
     assert len(few) == 3 and few[0]["image_ids"].dtype == np.int32 and few[0]["image_ids"].shape == (64,)
     assert [r["image_ids"].tolist() for r in few] == [expect[r["key"]]["image_ids"] for r in few]
+    # The most common code of the train split and its share of the cells (what a bundle records as its background)
+    counts = np.bincount(np.concatenate([np.asarray(r["image_ids"]) for r in rows.values() if r["split"] == "train"]))
+    assert token_cache.dominant_code(root / "cache", expect_fingerprint=world["fp_a"]) == \
+        (int(counts.argmax()), pytest.approx(counts.max() / counts.sum()))
+    assert token_cache.dominant_code(root / "cache", "holdout", rows=1)[1] > 0
+    with pytest.raises(ValueError, match="rows=0"):
+        token_cache.dominant_code(root / "cache", rows=0)
     text = built.format()
     assert "20 train + 10 holdout" in text and "images/s" in text and "no cache at" in text
     assert built.images_per_s > 0

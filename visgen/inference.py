@@ -56,6 +56,7 @@ MANIFEST, EVAL_FILE, TEXT_TOKENIZER_FILE = "manifest.json", "eval.json", "text_t
 
 
 MAX_CANDIDATES = 64  # best-of-n reranking: candidates per image or caption
+BACKGROUND_MIN_SHARE = 0.25  # a bundle records a background code when one code is at least this share of the cells
 
 
 class SamplingConfig(Section):
@@ -65,6 +66,11 @@ class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="Softmax temperature of image sampling; 0 = greedy.")
     top_k: int = Field(0, ge=0, le=1 << 20, description="Sample image codes among the k most likely only; 0 = all.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of image codes: the smallest set holding this probability.")
+    object_temperature: float | None = Field(None, ge=0.0, le=10.0, description=(
+        "Image codes: whether a slot gets the background code (the code of most training cells, which the "
+        "bundle records) is drawn at temperature; a slot that does not gets a code drawn among the others "
+        "at this temperature (0 = their most likely). Draws objects sharper without the background, the "
+        "per-slot mode of a sparse scene, emptying scenes. null = off (one draw at temperature)."))
     caption_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature of captioning; 0 = greedy.")
     candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description=(
         "Images drawn per requested image; the one whose prompt the model itself finds the likeliest caption "
@@ -150,6 +156,27 @@ def write_bundle(out_dir: str | Path, *, lm_dir: str | Path, image_tokenizer_dir
     return out
 
 
+def background_record(cache_dir: str | Path, image_fingerprint: str | None = None) -> dict:
+    """``{"code", "share"}``: the token cache's most common training code and its share of the cells
+    (the bundle's ``background_code``; ``sampling.object_temperature`` uses it as the background
+    when the share is at least ``BACKGROUND_MIN_SHARE``)."""
+    from visgen.data.token_cache import dominant_code  # pyarrow: only writing a bundle reads it
+
+    code, share = dominant_code(cache_dir, expect_fingerprint=image_fingerprint)
+    return {"code": code, "share": round(share, 4)}
+
+
+def check_background(sampling: SamplingConfig, background: dict | None, where: str) -> None:
+    """A ValueError when ``sampling.object_temperature`` is set but the data has no background code
+    (no code covers ``BACKGROUND_MIN_SHARE`` of the cells)."""
+    if sampling.object_temperature is None or (background and background["share"] >= BACKGROUND_MIN_SHARE):
+        return
+    most = f"the most common, code {background['code']}, covers {background['share']:.1%}" if background else "none recorded"
+    raise ValueError(f"sampling.object_temperature={sampling.object_temperature} needs a background code, one image "
+                     f"code covering at least {BACKGROUND_MIN_SHARE:.0%} of the cells of {where} ({most}): set "
+                     "sampling.object_temperature to null for this data")
+
+
 def read_manifest(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / MANIFEST
     if not path.is_file():
@@ -224,6 +251,8 @@ class Model:
         self.sampling = sampling or SamplingConfig()
         self.source = source
         self._check_parts()
+        if self.sampling.object_temperature is not None:
+            self._background()  # refused at load, not at every request
         # How images become the model's square: as the training images were made (ingest's defaults
         # for a bundle that predates the record).
         self.image_prep = ImagePrep.from_manifest(self.manifest, self.resolution)
@@ -247,6 +276,13 @@ class Model:
                                  "the bundle's files are from different models")
         sampling = SamplingConfig.model_validate(manifest.get("sampling") or {})
         return cls(lm, vq, tok, manifest=manifest, sampling=sampling, source=str(source))
+
+    @property
+    def background_code(self) -> int | None:
+        """The code of most training cells (the manifest's ``background_code``, taken from the token
+        cache) when it covers at least ``BACKGROUND_MIN_SHARE`` of them, else None."""
+        bg = self.manifest.get("background_code")
+        return int(bg["code"]) if bg and bg.get("share", 0) >= BACKGROUND_MIN_SHARE else None
 
     def _check_parts(self) -> None:
         cfg = self.lm.cfg
@@ -306,7 +342,20 @@ class Model:
                    top_k=s.top_k if top_k is None else int(top_k),
                    top_p=s.top_p if top_p is None else float(top_p))
         SamplingConfig(**out)  # same limits as the spec, with the same messages
+        if s.object_temperature is not None:
+            out.update(object_temperature=s.object_temperature, background=self._background())
         return out
+
+    def _background(self) -> int:
+        """The background code ``sampling.object_temperature`` needs, or a ValueError naming the bundle."""
+        bg = self.background_code
+        if bg is None:
+            where = f"the token cache of {self.source or 'this bundle'}"
+            check_background(self.sampling, self.manifest.get("background_code"), where)
+        if not 0 <= bg < self.vq.num_codes:
+            raise ValueError(f"{self.source or 'this bundle'}: background_code {bg} is not a code of its "
+                             f"{self.vq.num_codes}-code image tokenizer")
+        return bg
 
     def _candidates(self, value: Any, field: str, where: str = "") -> int:
         """``value`` or, when None, the bundle's ``sampling.<field>`` (candidates / caption_candidates),

@@ -117,7 +117,7 @@ def retrain(spec, cfg: RetrainConfig | None = None) -> dict:
 def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
     # torch, Ray: only a retrain that runs needs them, not `visgen retrain --help` (it reads RetrainConfig here)
     from visgen.data.token_cache import build_token_cache
-    from visgen.inference import read_manifest, write_bundle
+    from visgen.inference import background_record, check_background, read_manifest, write_bundle
     from visgen.models.gpt import load_gpt
     from visgen.registry import CHAMPION, Registry
     from visgen.train.lm import train_lm
@@ -170,10 +170,13 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
                    sampling=spec.sampling, tracking=spec.tracking, run_name=f"retrain-{stamp}",
                    params={"retrain": cfg, "parent_version": champion.version}, init_from=champ_dir,
                    export_dir=run_dir / "lm")
+    background = background_record(cache_dir, read_manifest(champ_dir)["image_tokenizer"]["fingerprint"])
+    check_background(spec.sampling, background, f"the challenger's token cache {cache_dir}")
     challenger_dir = write_bundle(run_dir / "bundle", lm_dir=res.model_dir, image_tokenizer_dir=champ_dir,
                                   text_tokenizer=champ_dir / "text_tokenizer.json", sampling=spec.sampling,
                                   image_prep=spec.data.ingest.image_prep(),  # how its token cache was made
                                   extra={"pipeline": spec.name, "parent_version": champion.version,
+                                         "background_code": background,
                                          "shards": shard_signature(expand_source(spec.data.ingest.source))})
 
     # The challenger's sampling defaults are searched as the pipeline searches them (the champion

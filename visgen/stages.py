@@ -20,9 +20,9 @@ from visgen.data import ingest as data_ingest
 from visgen.data.images import ImagePrep
 from visgen.data.sources import expand_source, shard_signature
 from visgen.data.synth import synthesize
-from visgen.data.token_cache import build_token_cache
+from visgen.data.token_cache import TokenCacheError, build_token_cache
 from visgen.eval import bundle as bundle_eval, tune
-from visgen.inference import read_manifest, write_bundle
+from visgen.inference import background_record, check_background, read_manifest, write_bundle
 from visgen.models.gpt import CONFIG_FILE as LM_JSON
 from visgen.models.vq import CONFIG_FILE as VQ_JSON
 from visgen.registry import Registry
@@ -165,6 +165,13 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
         raise FileNotFoundError(f"no trained transformer in {lm_dir}; run `visgen train lm --pipeline ...` first")
     shards = shard_signature(_shard_list(spec))
     prep = spec.data.ingest.image_prep()
+    vq_fp = json.loads((vq_dir / VQ_JSON).read_text())["fingerprint"]
+    try:  # the most common training code; a bundle of parts trained elsewhere may have no cache here
+        background = background_record(spec.paths.token_cache, vq_fp)
+    except TokenCacheError as e:
+        log.warning("bundle: no background code recorded (%s)", e)
+        background = None
+    check_background(spec.sampling, background, f"the token cache {spec.paths.token_cache}")
     out = spec.paths.bundle
     if not force and (out / "manifest.json").is_file():
         old = read_manifest(out)
@@ -178,12 +185,14 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
                 # A searched bundle keeps the spec's section apart from the chosen defaults.
                 and old.get("sampling_spec", old.get("sampling")) == spec.sampling.model_dump(mode="json")
                 and old.get("shards") == shards
+                and old.get("background_code") == background
                 and old_prep == prep)
         if same:
             log.info("bundle %s is up to date (same parts, sampling, image preparation and shards); keeping it", out)
             return out
     out = write_bundle(out, lm_dir=lm_dir, image_tokenizer_dir=vq_dir, text_tokenizer=spec.paths.text_tokenizer,
-                       sampling=spec.sampling, image_prep=prep, extra={"pipeline": spec.name, "shards": shards})
+                       sampling=spec.sampling, image_prep=prep,
+                       extra={"pipeline": spec.name, "shards": shards, "background_code": background})
     spec.paths.push("models/bundle")
     log.info("bundle written to %s", spec.paths.location(out))
     return out

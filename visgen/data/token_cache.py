@@ -435,6 +435,27 @@ def read_token_rows(out_dir: str | Path, split: str = "train", n: int = 16,
     return rows
 
 
+def dominant_code(out_dir: str | Path, split: str = "train", expect_fingerprint: str | None = None,
+                  rows: int = 20_000) -> tuple[int, float]:
+    """The most common image code of ``split`` and its share of the cells, over its first ``rows``
+    rows (pyarrow only): on sparse scenes, the background. A split without cells is refused."""
+    import pyarrow.compute as pc  # pyarrow.dataset / compute: only reading rows back needs them
+    import pyarrow.dataset as pads
+
+    if rows < 1:
+        raise ValueError(f"rows={rows} must be >= 1")
+    _, path = _check_split(out_dir, split, expect_fingerprint)
+    fs, root = storage.filesystem(path)
+    files = [f"{root}/{f}" for f in storage.listdir(path) if f.endswith(".parquet")]
+    ids = pc.list_flatten(pads.dataset(files, format="parquet", filesystem=fs).head(rows, columns=["image_ids"])
+                          .column("image_ids")).to_numpy(zero_copy_only=False)
+    if ids.size == 0:
+        raise TokenCacheError(f"token cache {storage.location(out_dir)}: split {split!r} holds no image codes")
+    counts = np.bincount(ids.astype(np.int64))
+    code = int(counts.argmax())
+    return code, float(counts[code] / ids.size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
