@@ -427,7 +427,10 @@ def test_compiled_step_is_one_graph_per_structure_and_matches_eager():
     runs = [dict(cfg_scale=2.5, top_k=20, top_p=0.9), dict(cfg_scale=4.0, top_k=20, top_p=0.7, temperature=0.6)]
     caps = [dict(temperature=1.0, top_k=30, language="en"),
             dict(temperature=0.5, top_k=30, language=["zh", "auto", "en"])]
-    want = [m.generate_images(text, seeds, **kw) for kw in runs] + [m.generate_text(image, seeds, **kw) for kw in caps]
+    objects = [dict(cfg_scale=2.5, top_k=20, top_p=0.9, object_temperature=0.7, background=3),
+               dict(cfg_scale=3.0, top_k=20, top_p=0.9, object_temperature=0.4, background=5)]
+    want = [m.generate_images(text, seeds, **kw) for kw in runs + objects] + \
+        [m.generate_text(image, seeds, **kw) for kw in caps]
     graphs = []
 
     def counting(gm, example_inputs):
@@ -438,8 +441,10 @@ def test_compiled_step_is_one_graph_per_structure_and_matches_eager():
     assert m.decode_compiled
     got = [m.generate_images(text, seeds, **kw) for kw in runs]
     assert len(graphs) == 1  # the second run's new cfg_scale / temperature / top_p reused the graph
+    got += [m.generate_images(text, seeds, **kw) for kw in objects]
+    assert len(graphs) == 2  # objects drawn apart: one more structure; a new temperature and background reuse it
     got += [m.generate_text(image, seeds, **kw) for kw in caps]
-    assert len(graphs) == 2  # one for the text step, whatever the languages
+    assert len(graphs) == 3  # one for the text step, whatever the languages
     assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(got, want))
 
 

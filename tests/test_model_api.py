@@ -234,6 +234,29 @@ def test_object_temperature_draws_with_the_bundles_background_code(bundle, tmp_p
     # a batch of requests draws the same way
     np.testing.assert_array_equal(model.generate_many([GenerationRequest("a red circle", n=1, seed=4)])[0][0],
                                   model.decode_codes(want)[0])
+    # per call: a value overrides the bundle's, on a bundle with a background code
+    half = model.lm.generate_images(text, torch.tensor([4]), cfg_scale=model.sampling.cfg_scale,
+                                    temperature=model.sampling.temperature, object_temperature=0.5, background=3)
+    np.testing.assert_array_equal(model.generate("a red circle", seed=4, object_temperature=0.5)[0],
+                                  model.decode_codes(half)[0])
+    np.testing.assert_array_equal(
+        model.generate_many([GenerationRequest("a red circle", seed=4, object_temperature=0.5)])[0][0],
+        model.decode_codes(half)[0])
+    img = model.generate("a blue star", seed=1)[0]
+    kept = model.encode_images([img])[:, : 2 * model.grid[1]]
+    edit = model.lm.generate_images(text, torch.tensor([2]), cfg_scale=model.sampling.cfg_scale,
+                                    temperature=model.sampling.temperature,
+                                    prefix=kept, object_temperature=0.5, background=3)
+    np.testing.assert_array_equal(model.edit(img, "a red circle", keep_rows=2, seed=2, object_temperature=0.5),
+                                  model.decode_codes(edit)[0])
+    with pytest.raises(ValueError, match="object_temperature"):
+        model.generate("a red circle", object_temperature=-1.0)
+    # on a bundle without one, asking per call is refused with the reason
+    plain = Model.load(bundle, device="cpu")
+    with pytest.raises(ValueError, match="object_temperature=0.5 needs a background code"):
+        plain.generate("a red circle", object_temperature=0.5)
+    with pytest.raises(ValueError, match="needs a background code"):
+        plain.generate_many([GenerationRequest("x"), GenerationRequest("y", object_temperature=0.0)])
     # a bundle that asks for it without a background code, or with one its tokenizer lacks, is refused at load
     with pytest.raises(ValueError, match="object_temperature=0.0 needs a background code.*none recorded"):
         Model.load(variant("none", sampling=sampling), device="cpu")
@@ -309,6 +332,16 @@ def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, mo
     assert seen["language"] == "auto" and seen["candidates"] is None  # the defaults: the model chooses, the bundle's n
     assert main(["caption", str(img), "--bundle", str(bundle), "--candidates", "4"]) == 0
     assert seen["candidates"] == 4
+    for command, method in (("generate", "generate"), ("edit", "edit")):  # object_temperature: generate and edit
+        blank = np.zeros((16, 16, 3), np.uint8)
+        monkeypatch.setattr(Model, method, lambda self, *a, blank=[blank] if method == "generate" else blank, **kw:
+                            seen.update(kw) or blank)
+        head = ["generate", "x"] if command == "generate" else ["edit", str(img), "x", "--keep-rows", "2"]
+        seen.clear()
+        assert main([*head, "--bundle", str(bundle), "--out", str(tmp_path / "o.png"), "--object-temperature", "0.25"]) == 0
+        assert seen["object_temperature"] == 0.25
+        assert main([*head, "--bundle", str(bundle), "--out", str(tmp_path / "o.png")]) == 0
+        assert seen["object_temperature"] is None
     for lang in CAPTION_LANGUAGES:  # the flag takes every language the pipeline does
         assert build_parser().parse_args(["caption", str(img), "--language", lang]).language == lang
     with pytest.raises(SystemExit) as exit_info:

@@ -203,7 +203,12 @@ BAD = [
     ("generate", dict(json={"prompt": "x", "top_p": 0}), 422, "top_p", "greater than 0", 0.0),
     ("generate", dict(json={"prompt": "x", "top_k": -2}), 422, "top_k", "greater than or equal to 0", 0),
     ("generate", dict(json={"prompt": "x", "seed": -1}), 422, "seed", "greater than or equal to 0", 0),
-    ("generate", dict(json={"prompt": "x", "size": 512}), 422, "size", "unknown field; allowed: prompt, n", "prompt, n, candidates, seed, cfg_scale, temperature, top_k, top_p"),
+    ("generate", dict(json={"prompt": "x", "object_temperature": -1}), 422, "object_temperature", "greater than or equal to 0", 0.0),
+    # a setting the served model refuses: its data has no background code (its token cache is not a sparse scene's)
+    ("generate", dict(json={"prompt": "x", "object_temperature": 0.5}), 422, "model", "object_temperature=0.5 needs a background code", None),
+    ("edit", dict(json={"image": _b64(_png()), "prompt": "x", "keep_rows": 1, "object_temperature": 0}), 422, "model",
+     "needs a background code", None),
+    ("generate", dict(json={"prompt": "x", "size": 512}), 422, "size", "unknown field; allowed: prompt, n", "prompt, n, candidates, seed, cfg_scale, temperature, top_k, top_p, object_temperature"),
     ("generate", dict(json={"prompt": 3}), 422, "prompt", "valid string", None),
     ("generate", dict(json=["a red circle"]), 422, "body", "JSON object", None),
     ("generate", dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "body", "not valid JSON", None),

@@ -97,6 +97,10 @@ def test_request_models_carry_the_limits():
     with pytest.raises(RequestError) as err:
         validate(models["generate"], {"prompt": "hi", "candidates": 17})
     assert (err.value.status, err.value.field, err.value.limit) == (422, "candidates", 16)
+    assert validate(models["generate"], {"prompt": "hi", "object_temperature": 0}).object_temperature == 0.0
+    with pytest.raises(RequestError) as err:
+        validate(models["generate"], {"prompt": "hi", "object_temperature": -1})
+    assert (err.value.status, err.value.field, err.value.limit) == (422, "object_temperature", 0.0)
     assert validate(models["caption"], {"image": "x"}).candidates is None
     assert validate(models["caption"], {"image": "x", "candidates": "8"}).candidates == 8  # a multipart field
     with pytest.raises(RequestError) as err:
@@ -150,6 +154,39 @@ def test_the_replica_captions_each_job_in_its_own_language(tmp_path):
                                     for im, lang, k in zip(images, langs, ks)])
     assert [o["caption"] for o in out] == [pipe.caption(im, language=lang, seed=5, candidates=k)[0]
                                            for im, lang, k in zip(images, langs, ks)]
+
+
+def test_the_replica_refuses_object_temperature_per_job_on_a_model_without_a_background(tmp_path):
+    """A job the model refuses gets its own 422; the others of its batch are drawn as Model.generate draws them."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    import visgen
+    from bundles import make_bundle
+    from visgen.serve.model import Served, VisgenModel
+
+    plain = make_bundle(tmp_path / "a")
+    with_bg = shutil.copytree(plain, tmp_path / "bg")
+    m = json.loads((with_bg / "manifest.json").read_text())
+    (with_bg / "manifest.json").write_text(json.dumps({**m, "background_code": {"code": 2, "share": 0.6}}))
+    jobs = [{"prompt": "a red circle", "n": 1, "seed": 3}, {"prompt": "a blue star", "n": 2, "seed": 4, "object_temperature": 0.0},
+            {"prompt": "two squares", "n": 1, "seed": 5, "object_temperature": 0.5}]
+    pipe = visgen.Model.load(plain, device="cpu")
+    out = VisgenModel._run_generate(Served(pipe=pipe, info={"version": "7"}), jobs)
+    assert [o.get("status") for o in out] == [None, 422, 422]
+    assert "needs a background code" in out[1]["error"] and out[1]["version"] == "7"
+    assert out[0]["batch"] == 1 and len(out[0]["images"]) == 1
+    pipe = visgen.Model.load(with_bg, device="cpu")
+    out = VisgenModel._run_generate(Served(pipe=pipe, info={"version": "7"}), jobs)
+    assert all("images" in o and o["batch"] == 3 for o in out)
+    from visgen.serve.inputs import encode_png
+
+    for o, j in zip(out, jobs):
+        want = pipe.generate(j["prompt"], n=j["n"], seed=j["seed"], object_temperature=j.get("object_temperature"))
+        assert o["images"] == [encode_png(w) for w in want]
+    assert out[1]["images"] != [encode_png(w) for w in pipe.generate("a blue star", n=2, seed=4)]
 
 
 def _recording_model(calls: list[list[int]], delay_s: float = 0.05, fail_on: int | None = None):

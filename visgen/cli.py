@@ -268,7 +268,7 @@ def cmd_generate(args):
     model = _load_model(args)
     images = model.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            candidates=args.candidates)
+                            candidates=args.candidates, object_temperature=args.object_temperature)
     _save_images(images, args.out)
 
 
@@ -283,7 +283,8 @@ def cmd_caption(args):
 def cmd_edit(args):
     model = _load_model(args)
     image = model.edit(args.image, args.prompt, keep_rows=args.keep_rows, seed=args.seed, cfg_scale=args.cfg_scale,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       object_temperature=args.object_temperature)
     _save_images([image], args.out)
 
 
@@ -393,6 +394,8 @@ _SAMPLING_FLAGS = [
     ("--temperature", {"type": float, "help": "sampling temperature, 0 = greedy (default: the bundle's)"}),
     ("--top-k", {"type": int, "help": "sample among the k most likely codes (default: the bundle's)"}),
     ("--top-p", {"type": float, "help": "nucleus sampling mass (default: the bundle's)"}),
+    ("--object-temperature", {"type": float, "help": "draw object codes apart from the background at this "
+                                                     "temperature, 0 = their most likely (default: the bundle's)"}),
     *_BUNDLE_FLAGS,
 ]
 

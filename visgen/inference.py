@@ -106,6 +106,7 @@ class GenerationRequest:
     top_k: int | None = None
     top_p: float | None = None
     candidates: int | None = None
+    object_temperature: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ class Model:
         self.source = source
         self._check_parts()
         if self.sampling.object_temperature is not None:
-            self._background()  # refused at load, not at every request
+            self._background(self.sampling.object_temperature)  # refused at load, not at every request
         # How images become the model's square: as the training images were made (ingest's defaults
         # for a bundle that predates the record).
         self.image_prep = ImagePrep.from_manifest(self.manifest, self.resolution)
@@ -335,23 +336,31 @@ class Model:
         with torch.no_grad():
             return list(to_uint8(self.vq.decode(codes.view(-1, h, w).to(self.device))))
 
-    def _sampling(self, cfg_scale, temperature, top_k, top_p) -> dict:
+    def resolve_sampling(self, cfg_scale: float | None = None, temperature: float | None = None,
+                         top_k: int | None = None, top_p: float | None = None,
+                         object_temperature: float | None = None) -> dict:
+        """The keyword arguments of :meth:`VisGPT.generate_images` for one request: each setting
+        left None is the bundle's, each given one is checked against the spec's limits; with
+        ``object_temperature`` (the request's or the bundle's) the bundle's background code too.
+        A ValueError names what is refused."""
         s = self.sampling
         out = dict(cfg_scale=s.cfg_scale if cfg_scale is None else float(cfg_scale),
                    temperature=s.temperature if temperature is None else float(temperature),
                    top_k=s.top_k if top_k is None else int(top_k),
                    top_p=s.top_p if top_p is None else float(top_p))
-        SamplingConfig(**out)  # same limits as the spec, with the same messages
-        if s.object_temperature is not None:
-            out.update(object_temperature=s.object_temperature, background=self._background())
+        obj = s.object_temperature if object_temperature is None else float(object_temperature)
+        SamplingConfig(**out, object_temperature=obj)  # same limits as the spec, with the same messages
+        if obj is not None:
+            out.update(object_temperature=obj, background=self._background(obj))
         return out
 
-    def _background(self) -> int:
-        """The background code ``sampling.object_temperature`` needs, or a ValueError naming the bundle."""
+    def _background(self, object_temperature: float) -> int:
+        """The background code ``object_temperature`` needs, or a ValueError naming the bundle."""
         bg = self.background_code
         if bg is None:
             where = f"the token cache of {self.source or 'this bundle'}"
-            check_background(self.sampling, self.manifest.get("background_code"), where)
+            check_background(SamplingConfig(object_temperature=object_temperature),
+                             self.manifest.get("background_code"), where)
         if not 0 <= bg < self.vq.num_codes:
             raise ValueError(f"{self.source or 'this bundle'}: background_code {bg} is not a code of its "
                              f"{self.vq.num_codes}-code image tokenizer")
@@ -400,16 +409,19 @@ class Model:
     # -- the three tasks -------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, n: int = 1, seed: int = 0, cfg_scale: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 candidates: int | None = None, batch_size: int = 64) -> list[np.ndarray]:
+                 candidates: int | None = None, object_temperature: float | None = None,
+                 batch_size: int = 64) -> list[np.ndarray]:
         """``n`` images per prompt, prompt-major: (H, W, 3) uint8 arrays. Image j of prompt i uses
         seed ``seed + i * n + j``, so a seed reproduces its images whatever the batch. ``candidates``:
         each image is the best of that many draws by the model's own caption likelihood of the
-        prompt (default: the bundle's ``sampling.candidates``)."""
+        prompt (default: the bundle's ``sampling.candidates``). ``object_temperature``: see
+        :class:`SamplingConfig` (default: the bundle's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         requests = [GenerationRequest(p, n=n, seed=int(seed) + i * n, cfg_scale=cfg_scale, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, candidates=candidates) for i, p in enumerate(prompts)]
+                                      top_k=top_k, top_p=top_p, candidates=candidates,
+                                      object_temperature=object_temperature) for i, p in enumerate(prompts)]
         return [im for images in self.generate_many(requests, batch_size=batch_size) for im in images]
 
     def generate_many(self, requests: Sequence[GenerationRequest], *,
@@ -436,7 +448,8 @@ class Model:
             if req.n < 1:
                 raise ValueError(f"request {i}: n must be >= 1, got {req.n}")
             _check_text(req.prompt)
-            kw = {**self._sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p),
+            kw = {**self.resolve_sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p,
+                                          req.object_temperature),
                   "candidates": self._candidates(req.candidates, "candidates", f"request {i}: ")}
             groups.setdefault(tuple(sorted(kw.items())), []).append(i)
         out: list[list[np.ndarray]] = [[] for _ in requests]
@@ -524,13 +537,14 @@ class Model:
         return [self.tokenizer.decode(cands[best[i]][i]) for i in range(b)]
 
     def edit(self, image: Any, prompt: str, *, keep_rows: int, seed: int = 0, cfg_scale: float | None = None,
-             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             object_temperature: float | None = None) -> np.ndarray:
         """Keep the token rows above ``keep_rows`` of ``image`` and redraw the rest to match ``prompt``
         (raster-order completion: only a suffix of rows can be regenerated)."""
         h, w = self.grid
         if not isinstance(keep_rows, int) or not 0 <= keep_rows <= h:
             raise ValueError(f"keep_rows must be an integer in [0, {h}] (token rows of the {h}x{w} grid), got {keep_rows!r}")
-        kw = self._sampling(cfg_scale, temperature, top_k, top_p)  # one completion of the kept rows, not reranked
+        kw = self.resolve_sampling(cfg_scale, temperature, top_k, top_p, object_temperature)  # one completion of the kept rows, not reranked
         codes = self.encode_images([image])
         text = self.text_regions([prompt])
         out = self.lm.generate_images(text, torch.tensor([int(seed)], device=self.device),

@@ -60,6 +60,9 @@ def request_models(limits: ServeLimits, grid_rows: int | None = None) -> dict[st
                                          description="Sampling temperature, 0 = greedy (default: the model's).")),
         top_k=(int | None, Field(None, ge=0, le=limits.max_top_k, description="Sample among the k most likely codes; 0 = all.")),
         top_p=(float | None, Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")),
+        object_temperature=(float | None, Field(None, ge=0.0, le=limits.max_temperature, description=(
+            "Draw object codes apart from the background at this temperature, 0 = their most likely "
+            "(default: the model's; needs a model whose data has a background code)."))),
     )
     prompt = (str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw (any language the model reads)."))
     image = (str, Field(min_length=1, description="The image file (PNG, JPEG or WebP), base64-encoded."))

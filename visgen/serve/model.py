@@ -292,12 +292,23 @@ class VisgenModel:
         from visgen.inference import GenerationRequest  # lazy: it imports torch, which the ingress never needs
 
         pipe, version = served.pipe, served.info.get("version")
-        requests = [GenerationRequest(prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),
-                                      temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"),
-                                      candidates=j.get("candidates"))
-                    for j in jobs]
-        images = pipe.generate_many(requests, batch_size=None)
-        return [{"images": [encode_png(im) for im in ims], "version": version, "batch": len(jobs)} for ims in images]
+        out: list[dict | None] = [None] * len(jobs)
+        requests, at = [], []
+        for i, j in enumerate(jobs):
+            try:  # a setting this model refuses (object_temperature without a background code) fails its job only
+                pipe.resolve_sampling(j.get("cfg_scale"), j.get("temperature"), j.get("top_k"), j.get("top_p"),
+                                      j.get("object_temperature"))
+            except ValueError as err:
+                out[i] = {"error": str(err), "status": 422, "version": version}
+                continue
+            requests.append(GenerationRequest(
+                prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),
+                temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"),
+                candidates=j.get("candidates"), object_temperature=j.get("object_temperature")))
+            at.append(i)
+        for i, ims in zip(at, pipe.generate_many(requests, batch_size=None) if requests else []):
+            out[i] = {"images": [encode_png(im) for im in ims], "version": version, "batch": len(requests)}
+        return out
 
     @staticmethod
     def _run_caption(served: Served, jobs: list[dict]) -> list[dict]:
@@ -315,9 +326,14 @@ class VisgenModel:
         pipe, version = served.pipe, served.info.get("version")
         out = []
         for j in jobs:
-            image = pipe.edit(np.asarray(j["image"], dtype=np.uint8), j["prompt"], keep_rows=int(j["keep_rows"]),
-                              seed=j.get("seed", 0), cfg_scale=j.get("cfg_scale"), temperature=j.get("temperature"),
-                              top_k=j.get("top_k"), top_p=j.get("top_p"))
+            try:  # a job the model refuses fails alone, not the edits batched with it
+                image = pipe.edit(np.asarray(j["image"], dtype=np.uint8), j["prompt"], keep_rows=int(j["keep_rows"]),
+                                  seed=j.get("seed", 0), cfg_scale=j.get("cfg_scale"), temperature=j.get("temperature"),
+                                  top_k=j.get("top_k"), top_p=j.get("top_p"),
+                                  object_temperature=j.get("object_temperature"))
+            except ValueError as err:
+                out.append({"error": str(err), "status": 422, "version": version})
+                continue
             out.append({"images": [encode_png(image)], "version": version})
         return out
 
