@@ -624,7 +624,25 @@ def test_object_temperature_redraws_non_background_codes_among_the_others():
     assert not torch.equal(a, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0))
     e = m.generate_images(_texts(m), seeds, prefix=a[:, :6], **kw)
     assert torch.equal(e, m.generate_images(_texts(m), seeds, prefix=a[:, :6], use_cache=False, **kw))
+    # The object draw guided at its own scale: teacher-forced on its output, every object code is
+    # the most likely other code under uncond + object_cfg_scale * (cond - uncond).
+    g = m.generate_images(_texts(m), seeds, cfg_scale=6.0, temperature=1.0, object_temperature=0.0, background=bg,
+                          object_cfg_scale=2.0)
+    null = m._null_text(3, g.device)
+    task = torch.full((3,), TASK_T2I)
+    cond, unc = (m.image_logits(m.hidden(lay.t2i(t, g), task)[:, lay.t2i_soi: lay.t2i_soi + lay.n_image]).float()
+                 for t in (_texts(m), null))
+    guided_best = (unc + 2.0 * (cond - unc)).index_fill(2, torch.tensor([bg]), float("-inf")).argmax(-1)
+    obj = g != bg
+    assert obj.any() and torch.equal(g[obj], guided_best[obj])
+    same = dict(cfg_scale=2.5, temperature=1.0, object_temperature=0.7, background=bg)
+    assert torch.equal(m.generate_images(_texts(m), seeds, object_cfg_scale=2.5, **same), a)  # default: cfg_scale
+    kw = dict(kw, cfg_scale=1.0, object_cfg_scale=3.0)  # objects guided while the layout is not: a guided batch
+    b = m.generate_images(_texts(m), seeds, **kw)
+    assert torch.equal(b, m.generate_images(_texts(m), seeds, use_cache=False, **kw))
     for bad, match in [(dict(object_temperature=0.5), "go together"), (dict(background=3), "go together"),
+                       (dict(object_cfg_scale=2.0), "object_temperature, which is not set"),
+                       (dict(object_temperature=0.5, background=3, object_cfg_scale=0.5), "object_cfg_scale must be"),
                        (dict(object_temperature=-1.0, background=3), "object_temperature must be"),
                        (dict(object_temperature=0.5, background=CODES), "background must be a code id"),
                        (dict(object_temperature=0.5, background=True), "background must be a code id")]:

@@ -251,10 +251,20 @@ def test_object_temperature_draws_with_the_bundles_background_code(bundle, tmp_p
                                   model.decode_codes(edit)[0])
     with pytest.raises(ValueError, match="object_temperature"):
         model.generate("a red circle", object_temperature=-1.0)
+    # the object codes' own guidance scale, per call
+    apart = model.lm.generate_images(text, torch.tensor([4]), cfg_scale=model.sampling.cfg_scale,
+                                     temperature=model.sampling.temperature, object_temperature=0.0, background=3,
+                                     object_cfg_scale=1.5)
+    np.testing.assert_array_equal(model.generate("a red circle", seed=4, object_cfg_scale=1.5)[0],
+                                  model.decode_codes(apart)[0])
+    with pytest.raises(ValueError, match="object_cfg_scale"):
+        model.generate("a red circle", object_cfg_scale=0.5)
     # on a bundle without one, asking per call is refused with the reason
     plain = Model.load(bundle, device="cpu")
     with pytest.raises(ValueError, match="object_temperature=0.5 needs a background code"):
         plain.generate("a red circle", object_temperature=0.5)
+    with pytest.raises(ValueError, match="object_cfg_scale=2.0 guides the object codes of object_temperature, which is null"):
+        plain.generate("a red circle", object_cfg_scale=2.0)
     with pytest.raises(ValueError, match="needs a background code"):
         plain.generate_many([GenerationRequest("x"), GenerationRequest("y", object_temperature=0.0)])
     # a bundle that asks for it without a background code, or with one its tokenizer lacks, is refused at load
@@ -340,8 +350,10 @@ def test_cli_caption_language_flag_reaches_the_call(bundle, tmp_path, capsys, mo
         seen.clear()
         assert main([*head, "--bundle", str(bundle), "--out", str(tmp_path / "o.png"), "--object-temperature", "0.25"]) == 0
         assert seen["object_temperature"] == 0.25
+        assert main([*head, "--bundle", str(bundle), "--out", str(tmp_path / "o.png"), "--object-cfg-scale", "2"]) == 0
+        assert seen["object_cfg_scale"] == 2.0
         assert main([*head, "--bundle", str(bundle), "--out", str(tmp_path / "o.png")]) == 0
-        assert seen["object_temperature"] is None
+        assert seen["object_temperature"] is None and seen["object_cfg_scale"] is None
     for lang in CAPTION_LANGUAGES:  # the flag takes every language the pipeline does
         assert build_parser().parse_args(["caption", str(img), "--language", lang]).language == lang
     with pytest.raises(SystemExit) as exit_info:

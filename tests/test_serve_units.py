@@ -101,6 +101,9 @@ def test_request_models_carry_the_limits():
     with pytest.raises(RequestError) as err:
         validate(models["generate"], {"prompt": "hi", "object_temperature": -1})
     assert (err.value.status, err.value.field, err.value.limit) == (422, "object_temperature", 0.0)
+    with pytest.raises(RequestError) as err:
+        validate(models["generate"], {"prompt": "hi", "object_cfg_scale": 0.5})
+    assert (err.value.status, err.value.field, err.value.limit) == (422, "object_cfg_scale", 1.0)
     assert validate(models["caption"], {"image": "x"}).candidates is None
     assert validate(models["caption"], {"image": "x", "candidates": "8"}).candidates == 8  # a multipart field
     with pytest.raises(RequestError) as err:
@@ -172,7 +175,7 @@ def test_the_replica_refuses_object_temperature_per_job_on_a_model_without_a_bac
     m = json.loads((with_bg / "manifest.json").read_text())
     (with_bg / "manifest.json").write_text(json.dumps({**m, "background_code": {"code": 2, "share": 0.6}}))
     jobs = [{"prompt": "a red circle", "n": 1, "seed": 3}, {"prompt": "a blue star", "n": 2, "seed": 4, "object_temperature": 0.0},
-            {"prompt": "two squares", "n": 1, "seed": 5, "object_temperature": 0.5}]
+            {"prompt": "two squares", "n": 1, "seed": 5, "object_temperature": 0.5, "object_cfg_scale": 1.5}]
     pipe = visgen.Model.load(plain, device="cpu")
     out = VisgenModel._run_generate(Served(pipe=pipe, info={"version": "7"}), jobs)
     assert [o.get("status") for o in out] == [None, 422, 422]
@@ -184,7 +187,8 @@ def test_the_replica_refuses_object_temperature_per_job_on_a_model_without_a_bac
     from visgen.serve.inputs import encode_png
 
     for o, j in zip(out, jobs):
-        want = pipe.generate(j["prompt"], n=j["n"], seed=j["seed"], object_temperature=j.get("object_temperature"))
+        want = pipe.generate(j["prompt"], n=j["n"], seed=j["seed"], object_temperature=j.get("object_temperature"),
+                             object_cfg_scale=j.get("object_cfg_scale"))
         assert o["images"] == [encode_png(w) for w in want]
     assert out[1]["images"] != [encode_png(w) for w in pipe.generate("a blue star", n=2, seed=4)]
 

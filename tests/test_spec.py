@@ -124,6 +124,8 @@ def test_spec_objects_are_immutable():
     ("eval.sampling_search.prompts_per_task", 0, "eval.sampling_search.prompts_per_task: 0 is not allowed"),
     ("lm.model.grid_context", "maybe", "lm.model.grid_context: 'maybe' is not allowed: Input should be a valid boolean"),
     ("sampling.object_temperature", -0.5, "sampling.object_temperature: -0.5 is not allowed"),
+    ("sampling.object_cfg_scale", 3.0, "sampling: {'cfg_scale': 2.0, 'top_k': 64, 'object_cfg_scale': 3.0} is not "
+     "allowed: Value error, object_cfg_scale=3.0 guides the object codes of object_temperature, which is null"),
 ])
 def test_a_sections_own_check_is_reported_alone_not_with_the_whole_spec(key, value, line):
     # These checks run inside the spec's composition; the message is the header and the one line

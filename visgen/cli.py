@@ -268,7 +268,8 @@ def cmd_generate(args):
     model = _load_model(args)
     images = model.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            candidates=args.candidates, object_temperature=args.object_temperature)
+                            candidates=args.candidates, object_temperature=args.object_temperature,
+                            object_cfg_scale=args.object_cfg_scale)
     _save_images(images, args.out)
 
 
@@ -284,7 +285,7 @@ def cmd_edit(args):
     model = _load_model(args)
     image = model.edit(args.image, args.prompt, keep_rows=args.keep_rows, seed=args.seed, cfg_scale=args.cfg_scale,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       object_temperature=args.object_temperature)
+                       object_temperature=args.object_temperature, object_cfg_scale=args.object_cfg_scale)
     _save_images([image], args.out)
 
 
@@ -396,6 +397,8 @@ _SAMPLING_FLAGS = [
     ("--top-p", {"type": float, "help": "nucleus sampling mass (default: the bundle's)"}),
     ("--object-temperature", {"type": float, "help": "draw object codes apart from the background at this "
                                                      "temperature, 0 = their most likely (default: the bundle's)"}),
+    ("--object-cfg-scale", {"type": float, "help": "guidance scale of those object codes; --cfg-scale then guides "
+                                                   "whether a slot is background (default: the bundle's)"}),
     *_BUNDLE_FLAGS,
 ]
 

@@ -313,6 +313,7 @@ class DecodeState(nn.Module):
             "temperature": torch.ones((), **f32),
             "top_p": torch.ones((), **f32),
             "object_temperature": torch.ones((), **f32),  # images: of the code drawn once not the background
+            "object_cfg_scale": torch.ones((), **f32),  # images: the guidance scale of that draw
             "background": torch.zeros((), **long),  # images: the background code of object_temperature
             "forced": torch.zeros(rows, **long),  # (B,) captions: the requested language token, -1 = the model's choice
             "blocked": torch.zeros(rows, text_vocab, dtype=torch.bool, device=device),  # (B, V_text) captions
@@ -327,7 +328,8 @@ class DecodeState(nn.Module):
 
     def start(self, seq: torch.Tensor, task: int, seeds: torch.Tensor, *, pos: int, step: int, temperature: float,
               top_p: float, cfg_scale: float = 1.0, forced: torch.Tensor | None = None,
-              blocked: torch.Tensor | None = None, object_temperature: float = 1.0, background: int = 0) -> None:
+              blocked: torch.Tensor | None = None, object_temperature: float = 1.0, background: int = 0,
+              object_cfg_scale: float = 1.0) -> None:
         """Load a new batch (copies and fills: no buffer is replaced)."""
         self.seq.copy_(seq)
         self.task.fill_(task)
@@ -338,6 +340,7 @@ class DecodeState(nn.Module):
         self.temperature.fill_(temperature)
         self.top_p.fill_(top_p)
         self.object_temperature.fill_(object_temperature)
+        self.object_cfg_scale.fill_(object_cfg_scale)
         self.background.fill_(background)
         self.done.zero_()
         if forced is not None:
@@ -776,17 +779,18 @@ class VisGPT(nn.Module):
                     split: bool = False, object_greedy: bool = False) -> None:
         """Hidden states at ``pos`` (B', d) → the next image code of each prompt, written at ``pos + 1``
         (the null-prompt half of a guided batch gets the same code). ``split``: a draw that is not
-        the background code is replaced by a draw among the other codes at ``object_temperature``
-        (``object_greedy``: their argmax), with noise of its own (step counter offset by 2**20)."""
+        the background code is replaced by a draw among the other codes, guided at
+        ``object_cfg_scale``, at ``object_temperature`` (``object_greedy``: their argmax), with
+        noise of its own (step counter offset by 2**20)."""
         st = self.decode_state
-        logits = self.image_logits(h).float()  # (B', K)
-        if guided:
-            logits = guide(logits, st.cfg_scale)  # (B, K)
+        raw = self.image_logits(h).float()  # (B', K)
+        logits = guide(raw, st.cfg_scale) if guided else raw  # (B, K)
         b = logits.shape[0]
         code = pick(logits, st.seeds[:b], st.step, st.temperature, st.top_p,
                     greedy=greedy, top_k=top_k, nucleus=nucleus)  # (B,)
         if split:
-            rest = logits.index_fill(1, st.background.view(1), float("-inf"))
+            objects = guide(raw, st.object_cfg_scale) if guided else raw
+            rest = objects.index_fill(1, st.background.view(1), float("-inf"))
             other = pick(rest, st.seeds[:b], st.step + OBJECT_NOISE, st.object_temperature, st.top_p,
                          greedy=object_greedy, top_k=0, nucleus=False)
             code = torch.where(code == st.background, code, other)
@@ -851,7 +855,8 @@ class VisGPT(nn.Module):
     def generate_images(self, text: torch.Tensor, seeds: torch.Tensor, *, cfg_scale: float = 1.0,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         prefix: torch.Tensor | None = None, use_cache: bool = True,
-                        object_temperature: float | None = None, background: int | None = None) -> torch.Tensor:
+                        object_temperature: float | None = None, background: int | None = None,
+                        object_cfg_scale: float | None = None) -> torch.Tensor:
         """Sample image codes (B, N) for text regions (B, S) (see :meth:`Layout.text_region`).
 
         ``cfg_scale`` != 1 runs the null prompt alongside (the batch doubled) and samples from
@@ -861,7 +866,9 @@ class VisGPT(nn.Module):
         ``object_temperature`` (with ``background``, a code id): whether a slot gets the background
         code is drawn as above; a slot that does not gets a code drawn among the others at this
         temperature instead (0 = their most likely), so objects are drawn sharper without the
-        background, the per-slot mode of a sparse scene, winning more slots.
+        background, the per-slot mode of a sparse scene, winning more slots. ``object_cfg_scale``
+        (with ``object_temperature``; default ``cfg_scale``): the guidance scale of that draw, so
+        the layout (background or not) and the objects' codes can be guided apart.
         """
         check_sampling(temperature, top_k, top_p)
         if (object_temperature is None) != (background is None):
@@ -873,6 +880,12 @@ class VisGPT(nn.Module):
             if isinstance(background, bool) or not isinstance(background, int) \
                     or not 0 <= background < self.cfg.codebook_size:
                 raise ValueError(f"background must be a code id in [0, {self.cfg.codebook_size}), got {background!r}")
+        elif object_cfg_scale is not None:
+            raise ValueError(f"object_cfg_scale={object_cfg_scale} guides the object draw of object_temperature, "
+                             "which is not set")
+        obj_cfg = cfg_scale if object_cfg_scale is None else float(object_cfg_scale)
+        if not 1.0 <= obj_cfg <= 50.0:
+            raise ValueError(f"object_cfg_scale must be in [1, 50], got {object_cfg_scale}")
         lay, dev = self.layout, self.head.weight.device
         b = text.shape[0]
         if tuple(seeds.shape) != (b,):
@@ -880,7 +893,7 @@ class VisGPT(nn.Module):
         p = 0 if prefix is None else prefix.shape[1]
         if not 0 <= p <= lay.n_image:
             raise ValueError(f"prefix has {p} codes; the image has {lay.n_image}")
-        guided = cfg_scale != 1.0
+        guided = cfg_scale != 1.0 or obj_cfg != 1.0
         rows = torch.cat([text, self._null_text(b, text.device)]) if guided else text  # (B or 2B, S)
         image = torch.zeros(rows.shape[0], lay.n_image, dtype=torch.long, device=dev)
         if p:
@@ -893,7 +906,7 @@ class VisGPT(nn.Module):
         split = object_temperature is not None
         st.start(seq, TASK_T2I, seeds.repeat(2) if guided else seeds, pos=first, step=p, cfg_scale=cfg_scale,
                  temperature=temperature, top_p=top_p, object_temperature=object_temperature if split else 1.0,
-                 background=background if split else 0)
+                 background=background if split else 0, object_cfg_scale=obj_cfg)
         plan = dict(guided=guided, **_plan(temperature, top_k, top_p, self.cfg.codebook_size),
                     split=split, object_greedy=split and object_temperature == 0)
         step = self._compiled_steps.get("image", self.decode_image_step)

@@ -63,6 +63,9 @@ def request_models(limits: ServeLimits, grid_rows: int | None = None) -> dict[st
         object_temperature=(float | None, Field(None, ge=0.0, le=limits.max_temperature, description=(
             "Draw object codes apart from the background at this temperature, 0 = their most likely "
             "(default: the model's; needs a model whose data has a background code)."))),
+        object_cfg_scale=(float | None, Field(None, ge=1.0, le=limits.max_cfg_scale, description=(
+            "Guidance scale of the object codes drawn apart from the background; cfg_scale then guides "
+            "whether a slot is background (default: the model's)."))),
     )
     prompt = (str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw (any language the model reads)."))
     image = (str, Field(min_length=1, description="The image file (PNG, JPEG or WebP), base64-encoded."))

@@ -297,14 +297,15 @@ class VisgenModel:
         for i, j in enumerate(jobs):
             try:  # a setting this model refuses (object_temperature without a background code) fails its job only
                 pipe.resolve_sampling(j.get("cfg_scale"), j.get("temperature"), j.get("top_k"), j.get("top_p"),
-                                      j.get("object_temperature"))
+                                      j.get("object_temperature"), j.get("object_cfg_scale"))
             except ValueError as err:
                 out[i] = {"error": str(err), "status": 422, "version": version}
                 continue
             requests.append(GenerationRequest(
                 prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),
                 temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"),
-                candidates=j.get("candidates"), object_temperature=j.get("object_temperature")))
+                candidates=j.get("candidates"), object_temperature=j.get("object_temperature"),
+                object_cfg_scale=j.get("object_cfg_scale")))
             at.append(i)
         for i, ims in zip(at, pipe.generate_many(requests, batch_size=None) if requests else []):
             out[i] = {"images": [encode_png(im) for im in ims], "version": version, "batch": len(requests)}
@@ -330,7 +331,8 @@ class VisgenModel:
                 image = pipe.edit(np.asarray(j["image"], dtype=np.uint8), j["prompt"], keep_rows=int(j["keep_rows"]),
                                   seed=j.get("seed", 0), cfg_scale=j.get("cfg_scale"), temperature=j.get("temperature"),
                                   top_k=j.get("top_k"), top_p=j.get("top_p"),
-                                  object_temperature=j.get("object_temperature"))
+                                  object_temperature=j.get("object_temperature"),
+                                  object_cfg_scale=j.get("object_cfg_scale"))
             except ValueError as err:
                 out.append({"error": str(err), "status": 422, "version": version})
                 continue
