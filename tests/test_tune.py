@@ -52,6 +52,8 @@ def test_config_refuses_the_benchmark_seed_and_bad_values():
         validate_section(SamplingSearchConfig, {"temperature": [0]})
     with pytest.raises(SpecError, match="top_k values must be >= 0"):
         validate_section(SamplingSearchConfig, {"top_k": [-1]})
+    with pytest.raises(SpecError, match=r"object_cfg_scale values must be in \[1, 50\].*0.9"):
+        validate_section(SamplingSearchConfig, {"object_cfg_scale": [0.9]})
 
 
 def test_validation_prompts_are_not_the_benchmark_prompts():
@@ -82,3 +84,22 @@ def test_tune_bundle_writes_the_choice_and_keeps_the_spec_section(tmp_path):
     # a second search starts from the spec's section again, not from the first choice
     again = tune_bundle(bundle, cfg, device="cpu")
     assert again["start"] == result["start"] and json.dumps(again["chosen"]) == json.dumps(result["chosen"])
+
+
+def test_the_object_guidance_axis_is_searched_after_the_layouts(tmp_path):
+    bundle = make_bundle(tmp_path, resolution=32, ch_mult=(1, 2, 2))
+    cfg = SamplingSearchConfig(enabled=True, cfg_scale=(3.0,), object_cfg_scale=(1.5, 6.0), temperature=(1.0,),
+                               top_k=(0,), prompts_per_task=1, languages=("en",))
+    with pytest.raises(ValueError, match=r"object_cfg_scale=\[1.5, 6.0\] searches .* sampling.object_temperature is null"):
+        tune_bundle(bundle, cfg, device="cpu")
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["sampling"] = {**m["sampling"], "cfg_scale": 3.0, "object_temperature": 0.0}
+    m["background_code"] = {"code": 1, "share": 0.5}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    result = tune_bundle(bundle, cfg, device="cpu")
+    assert result["start"]["object_cfg_scale"] == 3.0  # null in the spec: the layout's scale
+    assert [(t["cfg_scale"], t["object_cfg_scale"]) for t in result["trials"]] == [(3.0, 3.0), (3.0, 1.5), (3.0, 6.0)]
+    best = max(result["trials"], key=lambda t: t["overall"])
+    assert result["validation_overall"] == best["overall"]  # the other axes have one value: the best trial wins
+    assert read_manifest(bundle)["sampling"]["object_cfg_scale"] == result["chosen"]["object_cfg_scale"]
+    assert Model.load(bundle, device="cpu").sampling.object_cfg_scale == result["chosen"]["object_cfg_scale"]

@@ -36,7 +36,6 @@ from visgen.base import Section, replace
 
 log = logging.getLogger("visgen.eval.tune")
 
-AXES = ("cfg_scale", "temperature", "top_k")
 VALIDATION_VERSION = "geneval-shapes-val"
 
 
@@ -49,6 +48,9 @@ class SamplingSearchConfig(Section):
     temperature: tuple[float, ...] = Field((0.5, 0.75, 1.0), min_length=1,
                                            description="Image sampling temperatures to try (each > 0).")
     top_k: tuple[int, ...] = Field((0, 8, 32), min_length=1, description="top-k values to try (0 = all codes).")
+    object_cfg_scale: tuple[float, ...] = Field((), description=(
+        "Guidance scales of the object codes to try, right after cfg_scale (needs sampling.object_temperature); "
+        "empty = not searched, the spec's value is kept."))
     prompts_per_task: int = Field(8, ge=1, le=1000, description="Validation prompts per task and language.")
     min_gain: float = Field(0.0, ge=0.0, le=1.0, description=(
         "A setting replaces the current one only when its validation overall is higher by more than this; "
@@ -67,6 +69,14 @@ class SamplingSearchConfig(Section):
         bad = [x for x in v if not 1.0 <= x <= 50.0]
         if bad:
             raise ValueError(f"cfg_scale values must be in [1, 50] (1 = no guidance), got {bad}")
+        return v
+
+    @field_validator("object_cfg_scale")
+    @classmethod
+    def _object_cfg(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [x for x in v if not 1.0 <= x <= 50.0]
+        if bad:
+            raise ValueError(f"object_cfg_scale values must be in [1, 50] (1 = no guidance), got {bad}")
         return v
 
     @field_validator("temperature")
@@ -138,7 +148,9 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
     """:func:`coordinate_search` over ``cfg``'s values from ``pipe.sampling``, scored by the
     GenEval-shapes overall (mean of the task accuracies) on the validation prompts.
 
-    Returns ``{"chosen": {cfg_scale, temperature, top_k}, "start": {...}, "validation_overall",
+    Axes: ``cfg_scale``, then ``object_cfg_scale`` when ``cfg`` lists values for it, then
+    ``temperature`` and ``top_k``. Returns ``{"chosen": {cfg_scale, [object_cfg_scale,]
+    temperature, top_k}, "start": {...}, "validation_overall",
     "trials": [{settings, "overall", "tasks"}...], "prompts", "images", "prompt_set", "seconds"}``.
     """
     from visgen.eval.geneval import score_generations  # torch, scipy: the CLI reads SamplingSearchConfig from here
@@ -149,6 +161,13 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
     start = {"cfg_scale": float(s.cfg_scale), "temperature": float(s.temperature), "top_k": int(s.top_k)}
     grid = {"cfg_scale": [float(v) for v in cfg.cfg_scale], "temperature": [float(v) for v in cfg.temperature],
             "top_k": [int(v) for v in cfg.top_k]}
+    if cfg.object_cfg_scale:
+        if s.object_temperature is None:
+            raise ValueError(f"eval.sampling_search.object_cfg_scale={list(cfg.object_cfg_scale)} searches the guidance "
+                             "of the object codes, but sampling.object_temperature is null: set it, or leave the axis empty")
+        start["object_cfg_scale"] = float(s.cfg_scale if s.object_cfg_scale is None else s.object_cfg_scale)
+        grid = {"cfg_scale": grid.pop("cfg_scale"), "object_cfg_scale": [float(v) for v in cfg.object_cfg_scale], **grid}
+    axes = tuple(grid)
     tasks: dict[tuple, dict] = {}
     t0 = time.perf_counter()
 
@@ -160,8 +179,8 @@ def search_sampling(pipe, judge, cfg: SamplingSearchConfig) -> dict[str, Any]:
         return res["overall"]
 
     chosen, best, scored = coordinate_search(start, grid, score, cfg.min_gain)
-    trials = [{**{a: t[a] for a in AXES}, "overall": round(t["score"], 4),
-               "tasks": tasks[tuple(sorted((a, t[a]) for a in AXES))]} for t in scored]
+    trials = [{**{a: t[a] for a in axes}, "overall": round(t["score"], 4),
+               "tasks": tasks[tuple(sorted((a, t[a]) for a in axes))]} for t in scored]
     return {"chosen": chosen, "start": start, "validation_overall": round(best, 4), "trials": trials,
             "prompts": len(records), "images": len(records) * len(trials), "prompt_set": VALIDATION_VERSION,
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -174,7 +193,7 @@ def chosen_sampling(base: Any, result: dict) -> Any:
 
 def summary_line(result: dict) -> str:
     c, st = result["chosen"], result["start"]
-    moved = [f"{a} {st[a]} -> {c[a]}" for a in AXES if c[a] != st[a]] or ["spec defaults kept"]
+    moved = [f"{a} {st[a]} -> {c[a]}" for a in c if c[a] != st[a]] or ["spec defaults kept"]
     return (f"sampling search: {len(result['trials'])} settings x {result['prompts']} validation prompts in "
             f"{result['seconds']:.0f}s; validation overall {result['validation_overall']:.3f}; " + ", ".join(moved))
 
