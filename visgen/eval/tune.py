@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from visgen.base import Section, replace
 
@@ -63,20 +63,12 @@ class SamplingSearchConfig(Section):
                             description="First sampling seed of the validation images (the benchmark's start at 0).")
     batch_size: int = Field(128, ge=1, le=4096, description="Prompts per generate call.")
 
-    @field_validator("cfg_scale")
+    @field_validator("cfg_scale", "object_cfg_scale")
     @classmethod
-    def _cfg(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+    def _cfg(cls, v: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
         bad = [x for x in v if not 1.0 <= x <= 50.0]
         if bad:
-            raise ValueError(f"cfg_scale values must be in [1, 50] (1 = no guidance), got {bad}")
-        return v
-
-    @field_validator("object_cfg_scale")
-    @classmethod
-    def _object_cfg(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        bad = [x for x in v if not 1.0 <= x <= 50.0]
-        if bad:
-            raise ValueError(f"object_cfg_scale values must be in [1, 50] (1 = no guidance), got {bad}")
+            raise ValueError(f"{info.field_name} values must be in [1, 50] (1 = no guidance), got {bad}")
         return v
 
     @field_validator("temperature")
