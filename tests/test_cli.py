@@ -37,6 +37,8 @@ def _candidates(current):
     if isinstance(current, str):
         return [current + "-x", "x", False, True, 0.5]  # the last ones for "auto"-or-value fields
     if isinstance(current, (tuple, list)):
+        if not current:  # an empty list says nothing of its items' type
+            return [[2.0], [1], ["x"]]
         if all(isinstance(v, int) for v in current):
             return [[v + 1 for v in current], [1] * len(current), list(current[:-1])]
         if all(isinstance(v, float) for v in current):
