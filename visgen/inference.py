@@ -178,13 +178,20 @@ def background_record(cache_dir: str | Path, image_fingerprint: str | None = Non
     return {"code": code, "share": round(share, 4)}
 
 
-def check_background(sampling: SamplingConfig, background: dict | None, where: str) -> None:
-    """A ValueError when ``sampling.object_temperature`` is set but the data has no background code
-    (no code covers ``BACKGROUND_MIN_SHARE`` of the cells)."""
-    if sampling.object_temperature is None or (background and background["share"] >= BACKGROUND_MIN_SHARE):
-        return
-    most = f"the most common, code {background['code']}, covers {background['share']:.1%}" if background else "none recorded"
-    raise ValueError(f"sampling.object_temperature={sampling.object_temperature} needs a background code, one image "
+def background_of(record: dict | None) -> int | None:
+    """The background code of a ``background_record`` (a bundle's ``background_code``): its code when
+    it covers at least ``BACKGROUND_MIN_SHARE`` of the cells, else None."""
+    return int(record["code"]) if record and record.get("share", 0) >= BACKGROUND_MIN_SHARE else None
+
+
+def check_background(object_temperature: float | None, record: dict | None, where: str) -> int | None:
+    """The background code ``object_temperature`` draws apart from (None when it is off); a
+    ValueError naming the share when the data has none."""
+    code = background_of(record)
+    if object_temperature is None or code is not None:
+        return code
+    most = f"the most common, code {record['code']}, covers {record['share']:.1%}" if record else "none recorded"
+    raise ValueError(f"sampling.object_temperature={object_temperature} needs a background code, one image "
                      f"code covering at least {BACKGROUND_MIN_SHARE:.0%} of the cells of {where} ({most}): set "
                      "sampling.object_temperature to null for this data")
 
@@ -293,8 +300,7 @@ class Model:
     def background_code(self) -> int | None:
         """The code of most training cells (the manifest's ``background_code``, taken from the token
         cache) when it covers at least ``BACKGROUND_MIN_SHARE`` of them, else None."""
-        bg = self.manifest.get("background_code")
-        return int(bg["code"]) if bg and bg.get("share", 0) >= BACKGROUND_MIN_SHARE else None
+        return background_of(self.manifest.get("background_code"))
 
     def _check_parts(self) -> None:
         cfg = self.lm.cfg
@@ -368,11 +374,8 @@ class Model:
 
     def _background(self, object_temperature: float) -> int:
         """The background code ``object_temperature`` needs, or a ValueError naming the bundle."""
-        bg = self.background_code
-        if bg is None:
-            where = f"the token cache of {self.source or 'this bundle'}"
-            check_background(SamplingConfig(object_temperature=object_temperature),
-                             self.manifest.get("background_code"), where)
+        bg = check_background(object_temperature, self.manifest.get("background_code"),
+                              f"the token cache of {self.source or 'this bundle'}")
         if not 0 <= bg < self.vq.num_codes:
             raise ValueError(f"{self.source or 'this bundle'}: background_code {bg} is not a code of its "
                              f"{self.vq.num_codes}-code image tokenizer")

@@ -171,7 +171,7 @@ def _retrain_locked(spec, cfg: RetrainConfig) -> dict:
                    params={"retrain": cfg, "parent_version": champion.version}, init_from=champ_dir,
                    export_dir=run_dir / "lm")
     background = background_record(cache_dir, read_manifest(champ_dir)["image_tokenizer"]["fingerprint"])
-    check_background(spec.sampling, background, f"the challenger's token cache {cache_dir}")
+    check_background(spec.sampling.object_temperature, background, f"the challenger's token cache {cache_dir}")
     challenger_dir = write_bundle(run_dir / "bundle", lm_dir=res.model_dir, image_tokenizer_dir=champ_dir,
                                   text_tokenizer=champ_dir / "text_tokenizer.json", sampling=spec.sampling,
                                   image_prep=spec.data.ingest.image_prep(),  # how its token cache was made

@@ -171,7 +171,7 @@ def bundle(spec: PipelineSpec, force: bool = False) -> Path:
     except TokenCacheError as e:
         log.warning("bundle: no background code recorded (%s)", e)
         background = None
-    check_background(spec.sampling, background, f"the token cache {spec.paths.token_cache}")
+    check_background(spec.sampling.object_temperature, background, f"the token cache {spec.paths.token_cache}")
     out = spec.paths.bundle
     if not force and (out / "manifest.json").is_file():
         old = read_manifest(out)

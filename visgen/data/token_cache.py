@@ -412,19 +412,24 @@ def read_token_cache(out_dir: str | Path, split: str = "train",
     return ray.data.read_parquet(path, columns=list(COLUMNS))
 
 
+def _head(out_dir: str | Path, split: str, n: int, columns, expect_fingerprint: str | None):
+    """The first ``n`` rows of ``split`` (``columns`` only) as a pyarrow Table, without Ray."""
+    import pyarrow.dataset as pads  # pyarrow.dataset (0.4 s): only reading rows back needs it
+
+    _, path = _check_split(out_dir, split, expect_fingerprint)
+    fs, root = storage.filesystem(path)
+    files = [f"{root}/{f}" for f in storage.listdir(path) if f.endswith(".parquet")]
+    return pads.dataset(files, format="parquet", filesystem=fs).head(n, columns=list(columns))
+
+
 def read_token_rows(out_dir: str | Path, split: str = "train", n: int = 16,
                     expect_fingerprint: str | None = None) -> list[dict]:
     """The first ``n`` rows of ``split`` as dicts, without Ray (pyarrow only): ``key`` / ``caption`` /
     ``fingerprint`` str, ``text_ids`` and ``image_ids`` int32 numpy arrays (``image_ids`` flat, h*w
     in raster order; the grid is ``cache_manifest(out_dir)["grid"]``)."""
-    import pyarrow.dataset as pads  # pyarrow.dataset (0.4 s): only reading rows back needs it
-
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
-    _, path = _check_split(out_dir, split, expect_fingerprint)
-    fs, root = storage.filesystem(path)
-    files = [f"{root}/{f}" for f in storage.listdir(path) if f.endswith(".parquet")]
-    table = pads.dataset(files, format="parquet", filesystem=fs).head(n, columns=list(COLUMNS))
+    table = _head(out_dir, split, n, COLUMNS, expect_fingerprint)
     cols = {c: table.column(c) for c in COLUMNS}
     rows = []
     for i in range(table.num_rows):
@@ -439,16 +444,12 @@ def dominant_code(out_dir: str | Path, split: str = "train", expect_fingerprint:
                   rows: int = 20_000) -> tuple[int, float]:
     """The most common image code of ``split`` and its share of the cells, over its first ``rows``
     rows (pyarrow only): on sparse scenes, the background. A split without cells is refused."""
-    import pyarrow.compute as pc  # pyarrow.dataset / compute: only reading rows back needs them
-    import pyarrow.dataset as pads
+    import pyarrow.compute as pc  # pyarrow.compute: only reading rows back needs it
 
     if rows < 1:
         raise ValueError(f"rows={rows} must be >= 1")
-    _, path = _check_split(out_dir, split, expect_fingerprint)
-    fs, root = storage.filesystem(path)
-    files = [f"{root}/{f}" for f in storage.listdir(path) if f.endswith(".parquet")]
-    ids = pc.list_flatten(pads.dataset(files, format="parquet", filesystem=fs).head(rows, columns=["image_ids"])
-                          .column("image_ids")).to_numpy(zero_copy_only=False)
+    table = _head(out_dir, split, rows, ("image_ids",), expect_fingerprint)
+    ids = pc.list_flatten(table.column("image_ids")).to_numpy(zero_copy_only=False)
     if ids.size == 0:
         raise TokenCacheError(f"token cache {storage.location(out_dir)}: split {split!r} holds no image codes")
     counts = np.bincount(ids.astype(np.int64))

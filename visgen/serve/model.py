@@ -307,7 +307,7 @@ class VisgenModel:
                 candidates=j.get("candidates"), object_temperature=j.get("object_temperature"),
                 object_cfg_scale=j.get("object_cfg_scale")))
             at.append(i)
-        for i, ims in zip(at, pipe.generate_many(requests, batch_size=None) if requests else []):
+        for i, ims in zip(at, pipe.generate_many(requests, batch_size=None)):
             out[i] = {"images": [encode_png(im) for im in ims], "version": version, "batch": len(requests)}
         return out
 
