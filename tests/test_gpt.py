@@ -599,6 +599,43 @@ def test_grid_context_feeds_each_t2i_slot_the_codes_above_its_target_causally(tm
     assert "grid_context" not in plain.cfg.model_dump(exclude_defaults=True)
 
 
+def test_neighbour_context_feeds_each_i2t_image_slot_its_3x3_neighbourhood(tmp_path):
+    m = _fresh_model(neighbour_context=True)
+    with torch.no_grad():
+        m.nbr_proj.weight.mul_(50)  # large enough that the context decides the captions
+    lay = m.layout
+    t2i, i2t = torch.full((1,), TASK_T2I), torch.full((1,), TASK_I2T)
+    image = torch.randint(0, CODES, (1, 16), generator=torch.Generator().manual_seed(1))
+    seq = lay.i2t(image, _texts(m, 1))
+    positions = torch.arange(lay.length)
+    # Changing only cell 5 = (1, 1) of the 4 x 4 grid moves the slots of cells (0..2, 0..2), and no other slot.
+    other = image.clone()
+    other[0, 5] = (other[0, 5] + 1) % CODES
+    x = m.neighbour_context(seq, positions, i2t)
+    y = m.neighbour_context(lay.i2t(other, _texts(m, 1)), positions, i2t)
+    moved = {int(i) for i in torch.nonzero((x - y).abs().sum(-1)[0] > 0)[:, 0]}
+    assert moved == {lay.i2t_image.start + r * 4 + c for r in range(3) for c in range(3)}
+    # t2i rows get nothing, and neither do sequences that do not hold a whole picture
+    assert torch.equal(m.neighbour_context(lay.t2i(_texts(m, 1), image), positions, t2i),
+                       torch.zeros(1, lay.length, m.cfg.d_model))
+    assert m.neighbour_context(seq[:, : lay.i2t_image.stop - 1], positions[: lay.i2t_image.stop - 1], i2t) is None
+    # The captions depend on it, the cached decode equals full recomputation, and it is saved.
+    seeds = torch.tensor([5, 6, 7])
+    images = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(2))
+    a = m.generate_text(images, seeds, temperature=1.0)
+    assert a == m.generate_text(images, seeds, temperature=1.0, use_cache=False)
+    plain = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8))
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("nbr_")})
+    assert plain.eval().generate_text(images, seeds, temperature=1.0) != a
+    # Text -> image drawing is unchanged by it (the module only reads i2t rows).
+    assert torch.equal(plain.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0),
+                       m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0))
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm")
+    assert back.cfg.neighbour_context and back.generate_text(images, seeds, temperature=1.0) == a
+    assert "neighbour_context" not in plain.cfg.model_dump(exclude_defaults=True)
+
+
 def test_object_temperature_redraws_non_background_codes_among_the_others():
     m = _fresh_model()
     lay, seeds = m.layout, torch.tensor([5, 6, 7])

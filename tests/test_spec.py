@@ -123,6 +123,7 @@ def test_spec_objects_are_immutable():
     ("lm.model.preset", "huge", "lm.model.preset: 'huge' is not allowed: choose one of"),
     ("eval.sampling_search.prompts_per_task", 0, "eval.sampling_search.prompts_per_task: 0 is not allowed"),
     ("lm.model.grid_context", "maybe", "lm.model.grid_context: 'maybe' is not allowed: Input should be a valid boolean"),
+    ("lm.model.neighbour_context", "maybe", "lm.model.neighbour_context: 'maybe' is not allowed: Input should be a valid boolean"),
     ("sampling.object_temperature", -0.5, "sampling.object_temperature: -0.5 is not allowed"),
     ("sampling.object_cfg_scale", 3.0, "sampling: {'cfg_scale': 2.0, 'top_k': 64, 'object_cfg_scale': 3.0} is not "
      "allowed: Value error, object_cfg_scale=3.0 guides the object codes of object_temperature, which is null"),

@@ -101,6 +101,12 @@ class GPTConfig(Section):
         "above the code it predicts (above-left, above, above-right; the code to its left is the slot's own "
         "input): every slot sees the causal neighbourhood an outline continues from, without attention having "
         "to learn where on the grid it lies. Image -> text and text slots are unchanged."))
+    neighbour_context: bool = Field(False, description=(
+        "Add to the input of each image -> text image slot a local feature of the 3x3 neighbourhood of its code "
+        "(a 3x3 convolution over the code embeddings to d_model / 2 channels, SiLU, a projection back): the "
+        "caption reads outlines (which boundary codes sit next to which), not only single codes, even with one "
+        "block. The picture is wholly given before the caption, so the slots may see codes after them; no loss "
+        "is taken at image slots of image -> text rows. Text -> image slots are unchanged."))
     rope_2d: bool = Field(False, description=(
         "Rotate the queries and keys of image tokens by their row (half of each head's dimensions) and column "
         "(the other half), 2D RoPE: attention between two image tokens depends on their offset on the grid "
@@ -457,6 +463,9 @@ class VisGPT(nn.Module):
             self.cond_proj = nn.Linear(d, d, bias=False)
         if cfg.grid_context:
             self.ctx_proj = nn.Linear(3 * d, d, bias=False)
+        if cfg.neighbour_context:
+            self.nbr_conv = nn.Conv2d(d, d // 2, 3, padding=1, bias=False)
+            self.nbr_proj = nn.Linear(d // 2, d, bias=False)
         if cfg.code_looks:  # filled by set_code_looks() from the image tokenizer, saved with the weights
             self.register_buffer("code_look", torch.zeros(cfg.codebook_size, LOOK_DIM))
             self.look_in = nn.Linear(LOOK_DIM, d, bias=False)
@@ -573,6 +582,20 @@ class VisGPT(nn.Module):
         e = self.tok_emb(ids).view(b, s, 3, -1) * keep
         return self.ctx_proj(e.flatten(2)) * (task == TASK_T2I).to(e.dtype)[:, None, None]
 
+    def neighbour_context(self, seq: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor | None:
+        """``neighbour_context``: (B, s, d), at slots ``positions`` (s,) of the sequences ``seq`` (B, >= the
+        i2t image's end), the local feature of the 3x3 neighbourhood of the code at each i2t image slot
+        (zero elsewhere and on t2i rows); None when ``seq`` does not hold a whole i2t image."""
+        lay = self.layout
+        if seq.shape[1] < lay.i2t_image.stop:
+            return None
+        (h, w), b, d = self.cfg.grid, seq.shape[0], self.cfg.d_model
+        grid = self.tok_emb(seq[:, lay.i2t_image]).transpose(1, 2).reshape(b, d, h, w)
+        feat = F.silu(self.nbr_conv(grid)).flatten(2).transpose(1, 2)  # (B, N, d/2)
+        feat = torch.cat([feat, feat.new_zeros(b, 1, feat.shape[2])], 1)  # row N: not an i2t image slot
+        cells = self.image_slot[TASK_I2T][positions]  # (s,)
+        return self.nbr_proj(feat[:, cells]) * (task == TASK_I2T).to(feat.dtype)[:, None, None]
+
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor,
               cond: torch.Tensor | None = None, seq: torch.Tensor | None = None) -> torch.Tensor:
         """(B, s) ids at slots ``positions`` (s,) of layout ``task`` (B,) → (B, s, d); ``cond`` (B, d),
@@ -594,6 +617,12 @@ class VisGPT(nn.Module):
         x = x + self.pos_emb(positions) + cell[slot]
         if self.cfg.grid_context:
             x = x + self.grid_context(tokens if seq is None else seq, positions, task)
+        # i2t image slots are embedded only in passes over many slots (training, scoring, a caption's
+        # prefill, the picture all written); a one-slot decode step never sits on one.
+        if self.cfg.neighbour_context and positions.shape[0] > 1:
+            nbr = self.neighbour_context(tokens if seq is None else seq, positions, task)
+            if nbr is not None:
+                x = x + nbr
         if cond is not None:
             after = (positions[None] >= self.cond_from[task][:, None]).unsqueeze(-1)  # (B, s, 1)
             x = x + cond[:, None].to(x.dtype) * after
@@ -753,7 +782,8 @@ class VisGPT(nn.Module):
         """Run ``tokens`` (B, s) at slots ``input_pos`` (s,) through the cache → hidden (B, s, d)."""
         st = self.decode_state
         cond = st.cond if self.cfg.pooled_condition else None  # set by _decode's prefill
-        x = self.embed(tokens, input_pos, task, cond, seq=st.seq if self.cfg.grid_context else None)
+        x = self.embed(tokens, input_pos, task, cond,
+                       seq=st.seq if self.cfg.grid_context or self.cfg.neighbour_context else None)
         mask = self.causal[input_pos][None, None]  # (1, 1, s, L): each new token sees itself and the past
         rope = self.rope(input_pos, task)
         for block in self.blocks:
@@ -956,7 +986,7 @@ class VisGPT(nn.Module):
         """sha256 of the config and every weight."""
         return fingerprint(self.cfg, self.state_dict(),
                            late_fields=("code_looks", "tie_embeddings", "pooled_condition", "rope_2d", "rope_base",
-                                        "grid_context"))
+                                        "grid_context", "neighbour_context"))
 
 
 # ---------------------------------------------------------------------------------------------
