@@ -7,7 +7,8 @@ prompt set) with each of ``--seed-sets`` image seed sets (the search's first see
 each), and the shapes judge scores them. One JSON line per setting:
 
     {"setting": {...}, "overall": [per seed set], "mean", "tasks": [{task: accuracy}...],
-     "empty": [images with no object detected, per seed set], "images", "seconds"}
+     "empty": [images with no object detected, per seed set],
+     "single_by_shape": [{shape: [right, prompts]} of the single-object task, per seed set], "images", "seconds"}
 
     python bench/sampling_validation.py --bundle work/shapes-32/models/bundle \\
         --settings '[{}, {"cfg_scale": 5.0, "object_cfg_scale": 3.0}]'
@@ -47,6 +48,17 @@ def _settings(text: str) -> list[dict]:
     return value
 
 
+def _single_by_shape(records: list[dict], per_image: list[dict]) -> dict[str, list[int]]:
+    """``{shape: [right, prompts]}`` over the single-object prompts: which shapes the drawer gets wrong."""
+    out: dict[str, list[int]] = {}
+    for rec, im in zip(records, per_image):
+        if rec["task"] == "single_object":
+            tally = out.setdefault(rec["slots"]["objects"][0]["shape"], [0, 0])
+            tally[0] += int(im["correct"])
+            tally[1] += 1
+    return dict(sorted(out.items()))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, help="model bundle directory")
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"setting": setting, "overall": overall, "mean": round(sum(overall) / len(overall), 4),
                "tasks": [{t: round(v["accuracy"], 4) for t, v in r["tasks"].items()} for r in runs],
                "empty": [sum(not im["detections"] for im in r["per_image"]) for r in runs],
+               "single_by_shape": [_single_by_shape(records, r["per_image"]) for r in runs],
                "images": len(texts), "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)

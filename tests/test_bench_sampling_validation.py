@@ -34,6 +34,10 @@ def test_rows_are_the_judges_scores_of_each_setting_and_seed_set(tmp_path, capsy
     assert rows[1]["overall"][1] == pytest.approx(want["overall"], abs=1e-4)
     assert rows[1]["empty"][1] == sum(not im["detections"] for im in want["per_image"])
     assert rows[1]["mean"] == pytest.approx(sum(rows[1]["overall"]) / 2, abs=1e-4)
+    single = [(im["correct"], r["slots"]["objects"][0]["shape"]) for r, im in zip(records, want["per_image"])
+              if r["task"] == "single_object"]
+    assert rows[1]["single_by_shape"][1] == {s: [sum(ok for ok, t in single if t == s), sum(t == s for _, t in single)]
+                                              for s in sorted({t for _, t in single})}
     assert len(capsys.readouterr().out.strip().splitlines()) == 2  # one JSON line per setting
 
 

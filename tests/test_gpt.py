@@ -619,6 +619,10 @@ def test_neighbour_context_feeds_each_i2t_image_slot_its_3x3_neighbourhood(tmp_p
     assert torch.equal(m.neighbour_context(lay.t2i(_texts(m, 1), image), positions, t2i),
                        torch.zeros(1, lay.length, m.cfg.d_model))
     assert m.neighbour_context(seq[:, : lay.i2t_image.stop - 1], positions[: lay.i2t_image.stop - 1], i2t) is None
+    # A batch whose first rows are t2i gives the same hidden states when the pass skips them.
+    mixed = torch.cat([lay.t2i(_texts(m, 1), image), seq])
+    task = torch.tensor([TASK_T2I, TASK_I2T])
+    torch.testing.assert_close(m.hidden(mixed, task, first_i2t=1), m.hidden(mixed, task))
     # The captions depend on it, the cached decode equals full recomputation, and it is saved.
     seeds = torch.tensor([5, 6, 7])
     images = torch.randint(0, CODES, (3, 16), generator=torch.Generator().manual_seed(2))

@@ -582,26 +582,31 @@ class VisGPT(nn.Module):
         e = self.tok_emb(ids).view(b, s, 3, -1) * keep
         return self.ctx_proj(e.flatten(2)) * (task == TASK_T2I).to(e.dtype)[:, None, None]
 
-    def neighbour_context(self, seq: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor | None:
+    def neighbour_context(self, seq: torch.Tensor, positions: torch.Tensor, task: torch.Tensor,
+                          first_i2t: int = 0) -> torch.Tensor | None:
         """``neighbour_context``: (B, s, d), at slots ``positions`` (s,) of the sequences ``seq`` (B, >= the
         i2t image's end), the local feature of the 3x3 neighbourhood of the code at each i2t image slot
-        (zero elsewhere and on t2i rows); None when ``seq`` does not hold a whole i2t image."""
+        (zero elsewhere and on t2i rows); None when ``seq`` does not hold a whole i2t image, or when
+        ``first_i2t`` (the caller's word that the rows before it are t2i: a training batch's ``n_t2i``)
+        leaves no row to compute."""
         lay = self.layout
-        if seq.shape[1] < lay.i2t_image.stop:
+        if seq.shape[1] < lay.i2t_image.stop or first_i2t >= seq.shape[0]:
             return None
-        (h, w), b, d = self.cfg.grid, seq.shape[0], self.cfg.d_model
-        grid = self.tok_emb(seq[:, lay.i2t_image]).transpose(1, 2).reshape(b, d, h, w)
-        feat = F.silu(self.nbr_conv(grid)).flatten(2).transpose(1, 2)  # (B, N, d/2)
+        (h, w), b, d = self.cfg.grid, seq.shape[0] - first_i2t, self.cfg.d_model
+        grid = self.tok_emb(seq[first_i2t:, lay.i2t_image]).transpose(1, 2).reshape(b, d, h, w)
+        feat = F.silu(self.nbr_conv(grid)).flatten(2).transpose(1, 2)  # (b, N, d/2)
         feat = torch.cat([feat, feat.new_zeros(b, 1, feat.shape[2])], 1)  # row N: not an i2t image slot
         cells = self.image_slot[TASK_I2T][positions]  # (s,)
-        return self.nbr_proj(feat[:, cells]) * (task == TASK_I2T).to(feat.dtype)[:, None, None]
+        out = self.nbr_proj(feat[:, cells]) * (task[first_i2t:] == TASK_I2T).to(feat.dtype)[:, None, None]
+        return torch.cat([out.new_zeros(first_i2t, *out.shape[1:]), out]) if first_i2t else out
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor, task: torch.Tensor,
-              cond: torch.Tensor | None = None, seq: torch.Tensor | None = None) -> torch.Tensor:
+              cond: torch.Tensor | None = None, seq: torch.Tensor | None = None, first_i2t: int = 0) -> torch.Tensor:
         """(B, s) ids at slots ``positions`` (s,) of layout ``task`` (B,) → (B, s, d); ``cond`` (B, d),
         :meth:`condition`, is added at the slots after the condition. ``seq`` (B, >= s's slots): the
         whole sequences the ids come from, which ``grid_context`` reads (default: ``tokens``, when
-        they are the sequences from slot 0)."""
+        they are the sequences from slot 0). ``first_i2t``: the rows before it are t2i, so
+        ``neighbour_context`` skips them (it reads i2t rows only)."""
         n = self.layout.n_image
         w = self.cfg.grid[1]
         cells = torch.arange(n, device=tokens.device)
@@ -620,7 +625,7 @@ class VisGPT(nn.Module):
         # i2t image slots are embedded only in passes over many slots (training, scoring, a caption's
         # prefill, the picture all written); a one-slot decode step never sits on one.
         if self.cfg.neighbour_context and positions.shape[0] > 1:
-            nbr = self.neighbour_context(tokens if seq is None else seq, positions, task)
+            nbr = self.neighbour_context(tokens if seq is None else seq, positions, task, first_i2t)
             if nbr is not None:
                 x = x + nbr
         if cond is not None:
@@ -628,11 +633,12 @@ class VisGPT(nn.Module):
             x = x + cond[:, None].to(x.dtype) * after
         return self.drop(x)
 
-    def hidden(self, tokens: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """Full causal pass over whole sequences (B, L) → final-norm hidden states (B, L, d)."""
+    def hidden(self, tokens: torch.Tensor, task: torch.Tensor, first_i2t: int = 0) -> torch.Tensor:
+        """Full causal pass over whole sequences (B, L) → final-norm hidden states (B, L, d);
+        ``first_i2t`` as in :meth:`embed` (a training batch's ``n_t2i``)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         cond = self.condition(tokens, task) if self.cfg.pooled_condition else None
-        x = self.embed(tokens, positions, task, cond)
+        x = self.embed(tokens, positions, task, cond, first_i2t=first_i2t)
         rope = self.rope(positions, task)
         for block in self.blocks:
             x = block(x, rope=rope)
@@ -675,7 +681,7 @@ class VisGPT(nn.Module):
         n_i2t = b - n_t2i
         task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
         task[n_t2i:] = TASK_I2T
-        h = self.hidden(tokens, task)  # (B, L, d)
+        h = self.hidden(tokens, task, first_i2t=n_t2i)  # (B, L, d); rows before n_t2i are t2i
         lay = self.layout
         total = h.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
@@ -713,7 +719,7 @@ class VisGPT(nn.Module):
         b = tokens.shape[0]
         task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
         task[n_t2i:] = TASK_I2T
-        h = self.hidden(tokens, task)  # (B, L, d)
+        h = self.hidden(tokens, task, first_i2t=n_t2i)  # (B, L, d); rows before n_t2i are t2i
         lay = self.layout
         nll = torch.zeros(b, dtype=torch.float32, device=tokens.device)
         count = torch.zeros(b, dtype=torch.float32, device=tokens.device)
