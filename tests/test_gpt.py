@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from visgen.config import SpecError
 from visgen.models.gpt import (
     BOS, EN, EOI, EOS, I2T, NULL, PAD, SOI, T2I, TASK_I2T, TASK_T2I, ZH, VisGPT, gpt_config, load_gpt, sample, save_gpt,
-    rotate, uniform_noise,
+    grid_offsets, rotate, uniform_noise,
 )
 from visgen.models.vq import LOOK_DIM
 
@@ -599,6 +601,46 @@ def test_grid_context_feeds_each_t2i_slot_the_codes_above_its_target_causally(tm
     assert "grid_context" not in plain.cfg.model_dump(exclude_defaults=True)
 
 
+def test_grid_context_radius_widens_the_causal_window(tmp_path):
+    assert grid_offsets(1) == [(-1, -1), (-1, 0), (-1, 1)]
+    assert grid_offsets(2) == [(-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2),
+                               (-1, -2), (-1, -1), (-1, 0), (-1, 1), (-1, 2), (0, -2)]
+    m = _fresh_model(grid_context=True, grid_context_radius=2)
+    with torch.no_grad():
+        m.ctx_proj.weight.mul_(50)
+    lay = m.layout
+    t2i = torch.full((1,), TASK_T2I)
+    image = torch.randint(0, CODES, (1, 16), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(lay.length)
+    x = m.grid_context(lay.t2i(_texts(m, 1), image), positions, t2i)
+    # Changing cell 5 = (1, 1) on the 4 x 4 grid moves exactly the slots whose window holds it: the cells
+    # (r, c) with r - 1 <= 2 rows below and |c - 1| <= 2, and (1, 3) two to its right in its row.
+    other = image.clone()
+    other[0, 5] = (other[0, 5] + 1) % CODES
+    y = m.grid_context(lay.t2i(_texts(m, 1), other), positions, t2i)
+    moved = {int(i) - lay.t2i_soi for i in torch.nonzero((x - y).abs().sum(-1)[0] > 0)[:, 0]}
+    assert moved == {7, 8, 9, 10, 11, 12, 13, 14, 15}
+    # Causal, and the cached decode equals full recomputation, edits too; save / load keeps it.
+    h = m.hidden(lay.t2i(_texts(m, 1), image), t2i)
+    for j in (3, 6, 13):
+        later = image.clone()
+        later[0, j:] = (later[0, j:] + 7) % CODES
+        h2 = m.hidden(lay.t2i(_texts(m, 1), later), t2i)
+        torch.testing.assert_close(h2[0, : lay.t2i_soi + j + 1], h[0, : lay.t2i_soi + j + 1])
+    seeds = torch.tensor([5, 6, 7])
+    a = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0)
+    assert torch.equal(a, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, use_cache=False))
+    e = m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, prefix=a[:, :6])
+    assert torch.equal(e, m.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0, prefix=a[:, :6],
+                                            use_cache=False))
+    save_gpt(m, tmp_path / "lm")
+    back = load_gpt(tmp_path / "lm")
+    assert back.cfg.grid_context_radius == 2
+    assert torch.equal(back.generate_images(_texts(m), seeds, cfg_scale=2.5, temperature=1.0), a)
+    with pytest.raises(ValueError, match="grid_context_radius=2 sizes the window of grid_context, which is off"):
+        gpt_config("tiny", grid_context_radius=2)
+
+
 def test_neighbour_context_feeds_each_i2t_image_slot_its_3x3_neighbourhood(tmp_path):
     m = _fresh_model(neighbour_context=True)
     with torch.no_grad():
@@ -676,6 +718,24 @@ def test_object_temperature_redraws_non_background_codes_among_the_others():
     guided_best = (unc + 2.0 * (cond - unc)).index_fill(2, torch.tensor([bg]), float("-inf")).argmax(-1)
     obj = g != bg
     assert obj.any() and torch.equal(g[obj], guided_best[obj])
+    # With object_min_p, among the codes the conditional model finds plausible (probability at least
+    # min_p times its likeliest object code's): teacher-forced on the output, each object code is the
+    # guided best of those, and the bound excludes codes guidance alone would have picked.
+    p = m.generate_images(_texts(m), seeds, cfg_scale=6.0, temperature=1.0, object_temperature=0.0, background=bg,
+                          object_cfg_scale=4.0, object_min_p=0.3)
+    cond, unc = (m.image_logits(m.hidden(lay.t2i(t, p), task)[:, lay.t2i_soi: lay.t2i_soi + lay.n_image]).float()
+                 for t in (_texts(m), null))
+    off = torch.tensor([bg])
+    logp = cond.index_fill(2, off, float("-inf")).log_softmax(-1)
+    plausible = logp >= logp.max(-1, keepdim=True).values + math.log(0.3)
+    guided = (unc + 4.0 * (cond - unc)).index_fill(2, off, float("-inf"))
+    obj = p != bg
+    assert obj.any() and torch.equal(p[obj], guided.masked_fill(~plausible, float("-inf")).argmax(-1)[obj])
+    assert (~plausible.gather(2, guided.argmax(-1, keepdim=True))).any()  # the bound did drop a guided best
+    q = dict(cfg_scale=6.0, temperature=1.0, object_temperature=0.7, background=bg, object_cfg_scale=4.0)
+    assert torch.equal(m.generate_images(_texts(m), seeds, object_min_p=0.0, **q), m.generate_images(_texts(m), seeds, **q))
+    r = m.generate_images(_texts(m), seeds, object_min_p=0.3, **q)
+    assert torch.equal(r, m.generate_images(_texts(m), seeds, object_min_p=0.3, use_cache=False, **q))
     same = dict(cfg_scale=2.5, temperature=1.0, object_temperature=0.7, background=bg)
     assert torch.equal(m.generate_images(_texts(m), seeds, object_cfg_scale=2.5, **same), a)  # default: cfg_scale
     kw = dict(kw, cfg_scale=1.0, object_cfg_scale=3.0)  # objects guided while the layout is not: a guided batch
@@ -683,6 +743,8 @@ def test_object_temperature_redraws_non_background_codes_among_the_others():
     assert torch.equal(b, m.generate_images(_texts(m), seeds, use_cache=False, **kw))
     for bad, match in [(dict(object_temperature=0.5), "go together"), (dict(background=3), "go together"),
                        (dict(object_cfg_scale=2.0), "object_temperature, which is not set"),
+                       (dict(object_min_p=0.1), "object_min_p=0.1 bounds the object draw of object_temperature"),
+                       (dict(object_temperature=0.5, background=3, object_min_p=1.5), "object_min_p must be in"),
                        (dict(object_temperature=0.5, background=3, object_cfg_scale=0.5), "object_cfg_scale must be"),
                        (dict(object_temperature=-1.0, background=3), "object_temperature must be"),
                        (dict(object_temperature=0.5, background=CODES), "background must be a code id"),

@@ -259,6 +259,25 @@ def test_object_temperature_draws_with_the_bundles_background_code(bundle, tmp_p
                                   model.decode_codes(apart)[0])
     with pytest.raises(ValueError, match="object_cfg_scale"):
         model.generate("a red circle", object_cfg_scale=0.5)
+    # the object draw's plausibility bound, per call (generate, a batch of requests, edit) and as the bundle's default
+    bound = model.lm.generate_images(text, torch.tensor([4]), cfg_scale=model.sampling.cfg_scale,
+                                     temperature=model.sampling.temperature, object_temperature=0.0, background=3,
+                                     object_cfg_scale=4.0, object_min_p=0.5)
+    np.testing.assert_array_equal(model.generate("a red circle", seed=4, object_cfg_scale=4.0, object_min_p=0.5)[0],
+                                  model.decode_codes(bound)[0])
+    np.testing.assert_array_equal(
+        model.generate_many([GenerationRequest("a red circle", seed=4, object_cfg_scale=4.0, object_min_p=0.5)])[0][0],
+        model.decode_codes(bound)[0])
+    bounded = Model.load(variant("minp", sampling={**sampling, "object_cfg_scale": 4.0, "object_min_p": 0.5},
+                                 background_code={"code": 3, "share": 0.5}), device="cpu")
+    np.testing.assert_array_equal(bounded.generate("a red circle", seed=4)[0], model.decode_codes(bound)[0])
+    kept_edit = model.lm.generate_images(text, torch.tensor([2]), cfg_scale=model.sampling.cfg_scale,
+                                         temperature=model.sampling.temperature, prefix=kept, object_temperature=0.0,
+                                         background=3, object_cfg_scale=4.0, object_min_p=0.5)
+    np.testing.assert_array_equal(bounded.edit(img, "a red circle", keep_rows=2, seed=2),
+                                  model.decode_codes(kept_edit)[0])
+    with pytest.raises(ValueError, match="object_min_p"):
+        model.generate("a red circle", object_min_p=1.5)
     # on a bundle without one, asking per call is refused with the reason
     plain = Model.load(bundle, device="cpu")
     with pytest.raises(ValueError, match="object_temperature=0.5 needs a background code"):

@@ -208,7 +208,7 @@ BAD = [
     ("generate", dict(json={"prompt": "x", "object_temperature": 0.5}), 422, "model", "object_temperature=0.5 needs a background code", None),
     ("edit", dict(json={"image": _b64(_png()), "prompt": "x", "keep_rows": 1, "object_temperature": 0}), 422, "model",
      "needs a background code", None),
-    ("generate", dict(json={"prompt": "x", "size": 512}), 422, "size", "unknown field; allowed: prompt, n", "prompt, n, candidates, seed, cfg_scale, temperature, top_k, top_p, object_temperature, object_cfg_scale"),
+    ("generate", dict(json={"prompt": "x", "size": 512}), 422, "size", "unknown field; allowed: prompt, n", "prompt, n, candidates, seed, cfg_scale, temperature, top_k, top_p, object_temperature, object_cfg_scale, object_min_p"),
     ("generate", dict(json={"prompt": 3}), 422, "prompt", "valid string", None),
     ("generate", dict(json=["a red circle"]), 422, "body", "JSON object", None),
     ("generate", dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "body", "not valid JSON", None),

@@ -104,6 +104,10 @@ def test_request_models_carry_the_limits():
     with pytest.raises(RequestError) as err:
         validate(models["generate"], {"prompt": "hi", "object_cfg_scale": 0.5})
     assert (err.value.status, err.value.field, err.value.limit) == (422, "object_cfg_scale", 1.0)
+    assert validate(models["generate"], {"prompt": "hi", "object_min_p": 0.1}).object_min_p == 0.1
+    with pytest.raises(RequestError) as err:
+        validate(models["generate"], {"prompt": "hi", "object_min_p": 2})
+    assert (err.value.status, err.value.field, err.value.limit) == (422, "object_min_p", 1.0)
     assert validate(models["caption"], {"image": "x"}).candidates is None
     assert validate(models["caption"], {"image": "x", "candidates": "8"}).candidates == 8  # a multipart field
     with pytest.raises(RequestError) as err:

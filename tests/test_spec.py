@@ -125,6 +125,9 @@ def test_spec_objects_are_immutable():
     ("lm.model.grid_context", "maybe", "lm.model.grid_context: 'maybe' is not allowed: Input should be a valid boolean"),
     ("lm.model.neighbour_context", "maybe", "lm.model.neighbour_context: 'maybe' is not allowed: Input should be a valid boolean"),
     ("sampling.object_temperature", -0.5, "sampling.object_temperature: -0.5 is not allowed"),
+    ("sampling.object_min_p", 0.1, "sampling: {'cfg_scale': 2.0, 'top_k': 64, 'object_min_p': 0.1} is not "
+     "allowed: Value error, object_min_p=0.1 bounds the object codes of object_temperature, which is null"),
+    ("lm.model.grid_context_radius", 9, "lm.model.grid_context_radius: 9 is not allowed"),
     ("sampling.object_cfg_scale", 3.0, "sampling: {'cfg_scale': 2.0, 'top_k': 64, 'object_cfg_scale': 3.0} is not "
      "allowed: Value error, object_cfg_scale=3.0 guides the object codes of object_temperature, which is null"),
 ])

@@ -269,7 +269,7 @@ def cmd_generate(args):
     images = model.generate(args.prompts, n=args.n, seed=args.seed, cfg_scale=args.cfg_scale,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             candidates=args.candidates, object_temperature=args.object_temperature,
-                            object_cfg_scale=args.object_cfg_scale)
+                            object_cfg_scale=args.object_cfg_scale, object_min_p=args.object_min_p)
     _save_images(images, args.out)
 
 
@@ -285,7 +285,8 @@ def cmd_edit(args):
     model = _load_model(args)
     image = model.edit(args.image, args.prompt, keep_rows=args.keep_rows, seed=args.seed, cfg_scale=args.cfg_scale,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       object_temperature=args.object_temperature, object_cfg_scale=args.object_cfg_scale)
+                       object_temperature=args.object_temperature, object_cfg_scale=args.object_cfg_scale,
+                       object_min_p=args.object_min_p)
     _save_images([image], args.out)
 
 
@@ -399,6 +400,9 @@ _SAMPLING_FLAGS = [
                                                      "temperature, 0 = their most likely (default: the bundle's)"}),
     ("--object-cfg-scale", {"type": float, "help": "guidance scale of those object codes; --cfg-scale then guides "
                                                    "whether a slot is background (default: the bundle's)"}),
+    ("--object-min-p", {"type": float, "help": "draw those object codes among the ones the prompt's own model "
+                                               "finds at least this fraction as likely as its likeliest; 0 = all "
+                                               "(default: the bundle's)"}),
     *_BUNDLE_FLAGS,
 ]
 

@@ -74,6 +74,11 @@ class SamplingConfig(Section):
     object_cfg_scale: float | None = Field(None, ge=1.0, le=50.0, description=(
         "With object_temperature: the guidance scale of the draw among the object codes, so the layout "
         "(background or not, at cfg_scale) and the objects' codes are guided apart. null = cfg_scale."))
+    object_min_p: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "With object_temperature: the draw among the object codes considers only codes whose probability "
+        "under the conditional model is at least this fraction of its likeliest object code's (the "
+        "plausibility bound of contrastive decoding): guidance cannot promote a code the prompt's own model "
+        "finds implausible, which at strong guidance scatters specks and ragged outlines. null / 0 = off."))
     caption_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature of captioning; 0 = greedy.")
     candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description=(
         "Images drawn per requested image; the one whose prompt the model itself finds the likeliest caption "
@@ -90,6 +95,9 @@ class SamplingConfig(Section):
     def _object_cfg_needs_objects(self) -> "SamplingConfig":
         if self.object_cfg_scale is not None and self.object_temperature is None:
             raise ValueError(f"object_cfg_scale={self.object_cfg_scale} guides the object codes of "
+                             "object_temperature, which is null: set object_temperature too")
+        if self.object_min_p is not None and self.object_temperature is None:
+            raise ValueError(f"object_min_p={self.object_min_p} bounds the object codes of "
                              "object_temperature, which is null: set object_temperature too")
         return self
 
@@ -118,6 +126,7 @@ class GenerationRequest:
     candidates: int | None = None
     object_temperature: float | None = None
     object_cfg_scale: float | None = None
+    object_min_p: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +364,8 @@ class Model:
 
     def resolve_sampling(self, cfg_scale: float | None = None, temperature: float | None = None,
                          top_k: int | None = None, top_p: float | None = None,
-                         object_temperature: float | None = None, object_cfg_scale: float | None = None) -> dict:
+                         object_temperature: float | None = None, object_cfg_scale: float | None = None,
+                         object_min_p: float | None = None) -> dict:
         """The keyword arguments of :meth:`VisGPT.generate_images` for one request: each setting
         left None is the bundle's, each given one is checked against the spec's limits; with
         ``object_temperature`` (the request's or the bundle's) the bundle's background code too.
@@ -367,9 +377,13 @@ class Model:
                    top_p=s.top_p if top_p is None else float(top_p))
         obj = s.object_temperature if object_temperature is None else float(object_temperature)
         obj_cfg = s.object_cfg_scale if object_cfg_scale is None else float(object_cfg_scale)
-        SamplingConfig(**out, object_temperature=obj, object_cfg_scale=obj_cfg)  # the spec's limits and messages
+        min_p = s.object_min_p if object_min_p is None else float(object_min_p)
+        SamplingConfig(**out, object_temperature=obj, object_cfg_scale=obj_cfg,
+                       object_min_p=min_p)  # the spec's limits and messages
         if obj is not None:
             out.update(object_temperature=obj, background=self._background(obj), object_cfg_scale=obj_cfg)
+            if min_p:
+                out["object_min_p"] = min_p
         return out
 
     def _background(self, object_temperature: float) -> int:
@@ -425,18 +439,20 @@ class Model:
     def generate(self, prompts: str | Sequence[str], *, n: int = 1, seed: int = 0, cfg_scale: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  candidates: int | None = None, object_temperature: float | None = None,
-                 object_cfg_scale: float | None = None, batch_size: int = 64) -> list[np.ndarray]:
+                 object_cfg_scale: float | None = None, object_min_p: float | None = None,
+                 batch_size: int = 64) -> list[np.ndarray]:
         """``n`` images per prompt, prompt-major: (H, W, 3) uint8 arrays. Image j of prompt i uses
         seed ``seed + i * n + j``, so a seed reproduces its images whatever the batch. ``candidates``:
         each image is the best of that many draws by the model's own caption likelihood of the
         prompt (default: the bundle's ``sampling.candidates``). ``object_temperature``,
-        ``object_cfg_scale``: see :class:`SamplingConfig` (default: the bundle's)."""
+        ``object_cfg_scale``, ``object_min_p``: see :class:`SamplingConfig` (default: the bundle's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         requests = [GenerationRequest(p, n=n, seed=int(seed) + i * n, cfg_scale=cfg_scale, temperature=temperature,
                                       top_k=top_k, top_p=top_p, candidates=candidates,
-                                      object_temperature=object_temperature, object_cfg_scale=object_cfg_scale)
+                                      object_temperature=object_temperature, object_cfg_scale=object_cfg_scale,
+                                      object_min_p=object_min_p)
                     for i, p in enumerate(prompts)]
         return [im for images in self.generate_many(requests, batch_size=batch_size) for im in images]
 
@@ -465,7 +481,7 @@ class Model:
                 raise ValueError(f"request {i}: n must be >= 1, got {req.n}")
             _check_text(req.prompt)
             kw = {**self.resolve_sampling(req.cfg_scale, req.temperature, req.top_k, req.top_p,
-                                          req.object_temperature, req.object_cfg_scale),
+                                          req.object_temperature, req.object_cfg_scale, req.object_min_p),
                   "candidates": self._candidates(req.candidates, "candidates", f"request {i}: ")}
             groups.setdefault(tuple(sorted(kw.items())), []).append(i)
         out: list[list[np.ndarray]] = [[] for _ in requests]
@@ -554,14 +570,15 @@ class Model:
 
     def edit(self, image: Any, prompt: str, *, keep_rows: int, seed: int = 0, cfg_scale: float | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             object_temperature: float | None = None, object_cfg_scale: float | None = None) -> np.ndarray:
+             object_temperature: float | None = None, object_cfg_scale: float | None = None,
+             object_min_p: float | None = None) -> np.ndarray:
         """Keep the token rows above ``keep_rows`` of ``image`` and redraw the rest to match ``prompt``
         (raster-order completion: only a suffix of rows can be regenerated)."""
         h, w = self.grid
         if not isinstance(keep_rows, int) or not 0 <= keep_rows <= h:
             raise ValueError(f"keep_rows must be an integer in [0, {h}] (token rows of the {h}x{w} grid), got {keep_rows!r}")
         kw = self.resolve_sampling(cfg_scale, temperature, top_k, top_p, object_temperature,
-                                   object_cfg_scale)  # one completion of the kept rows, not reranked
+                                   object_cfg_scale, object_min_p)  # one completion of the kept rows, not reranked
         codes = self.encode_images([image])
         text = self.text_regions([prompt])
         out = self.lm.generate_images(text, torch.tensor([int(seed)], device=self.device),

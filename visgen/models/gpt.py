@@ -101,6 +101,12 @@ class GPTConfig(Section):
         "above the code it predicts (above-left, above, above-right; the code to its left is the slot's own "
         "input): every slot sees the causal neighbourhood an outline continues from, without attention having "
         "to learn where on the grid it lies. Image -> text and text slots are unchanged."))
+    grid_context_radius: int = Field(1, ge=1, le=4, description=(
+        "With grid_context: how far the causal neighbourhood reaches. 1 = the three codes above; r > 1 = the "
+        "codes in the r rows above within r columns either side, and the r - 1 codes left of the slot's own input "
+        "in its row (11 codes at r = 2), each embedding projected to d_model / 4 before the projection to d_model "
+        "(the wider window costs about what the three full embeddings do). An object's outline and extent span "
+        "more than one row: this lets one block see how far the object drawn so far reaches."))
     neighbour_context: bool = Field(False, description=(
         "Add to the input of each image -> text image slot a local feature of the 3x3 neighbourhood of its code "
         "(a 3x3 convolution over the code embeddings to d_model / 2 channels, SiLU, a projection back): the "
@@ -140,6 +146,9 @@ class GPTConfig(Section):
             raise ValueError(f"d_model={self.d_model} does not divide by n_head={self.n_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = d_model / n_head = {self.head_dim} must be even")
+        if self.grid_context_radius != 1 and not self.grid_context:
+            raise ValueError(f"grid_context_radius={self.grid_context_radius} sizes the window of grid_context, "
+                             "which is off: set grid_context: true or leave the radius at 1")
         if self.rope_2d and self.head_dim % 4:
             raise ValueError(f"rope_2d splits each head between rows and columns: head_dim = d_model / n_head "
                              f"= {self.head_dim} must divide by 4")
@@ -158,6 +167,14 @@ PRESETS: dict[str, dict] = {
     # GPU scale: 12 x 768 (~85 M in the blocks, ~105 M with a 24k vocabulary), LlamaGen-B-like.
     "base": dict(n_layer=12, n_head=12, d_model=768, dropout=0.1),
 }
+
+
+def grid_offsets(radius: int) -> list[tuple[int, int]]:
+    """``grid_context``'s causal window, (row, column) offsets from the predicted cell: the ``radius``
+    rows above within ``radius`` columns either side, then the cells left of the slot's own input
+    (the code just left of the cell) in its row. Radius 1: above-left, above, above-right."""
+    rows = [(dr, dc) for dr in range(-radius, 0) for dc in range(-radius, radius + 1)]
+    return rows + [(0, dc) for dc in range(-radius, -1)]
 
 
 def gpt_config(preset: str = "small", **overrides) -> GPTConfig:
@@ -320,6 +337,7 @@ class DecodeState(nn.Module):
             "top_p": torch.ones((), **f32),
             "object_temperature": torch.ones((), **f32),  # images: of the code drawn once not the background
             "object_cfg_scale": torch.ones((), **f32),  # images: the guidance scale of that draw
+            "object_min_p": torch.zeros((), **f32),  # images: that draw's plausibility bound (0 = none)
             "background": torch.zeros((), **long),  # images: the background code of object_temperature
             "forced": torch.zeros(rows, **long),  # (B,) captions: the requested language token, -1 = the model's choice
             "blocked": torch.zeros(rows, text_vocab, dtype=torch.bool, device=device),  # (B, V_text) captions
@@ -335,7 +353,7 @@ class DecodeState(nn.Module):
     def start(self, seq: torch.Tensor, task: int, seeds: torch.Tensor, *, pos: int, step: int, temperature: float,
               top_p: float, cfg_scale: float = 1.0, forced: torch.Tensor | None = None,
               blocked: torch.Tensor | None = None, object_temperature: float = 1.0, background: int = 0,
-              object_cfg_scale: float = 1.0) -> None:
+              object_cfg_scale: float = 1.0, object_min_p: float = 0.0) -> None:
         """Load a new batch (copies and fills: no buffer is replaced)."""
         self.seq.copy_(seq)
         self.task.fill_(task)
@@ -347,6 +365,7 @@ class DecodeState(nn.Module):
         self.top_p.fill_(top_p)
         self.object_temperature.fill_(object_temperature)
         self.object_cfg_scale.fill_(object_cfg_scale)
+        self.object_min_p.fill_(object_min_p)
         self.background.fill_(background)
         self.done.zero_()
         if forced is not None:
@@ -462,7 +481,13 @@ class VisGPT(nn.Module):
         if cfg.pooled_condition:
             self.cond_proj = nn.Linear(d, d, bias=False)
         if cfg.grid_context:
-            self.ctx_proj = nn.Linear(3 * d, d, bias=False)
+            r = cfg.grid_context_radius
+            offsets = grid_offsets(r)
+            if r == 1:
+                self.ctx_proj = nn.Linear(3 * d, d, bias=False)
+            else:  # each code's embedding narrowed first: 11 codes at r = 2 cost what 3 full ones do
+                self.ctx_down = nn.Linear(d, d // 4, bias=False)
+                self.ctx_proj = nn.Linear(len(offsets) * (d // 4), d, bias=False)
         if cfg.neighbour_context:
             self.nbr_conv = nn.Conv2d(d, d // 2, 3, padding=1, bias=False)
             self.nbr_proj = nn.Linear(d // 2, d, bias=False)
@@ -477,14 +502,15 @@ class VisGPT(nn.Module):
         slot[TASK_T2I, lay.t2i_image] = torch.arange(n)
         slot[TASK_I2T, lay.i2t_image] = torch.arange(n)
         self.register_buffer("image_slot", slot, persistent=False)
-        # grid_context: per t2i slot, the slots holding the codes above-left, above and above-right of
-        # the code that slot predicts (slot t2i_soi + j predicts cell j); L where there is none.
+        # grid_context: per t2i slot, the slots holding the codes of the causal window around the code
+        # that slot predicts (slot t2i_soi + j predicts cell j; grid_offsets); L where there is none.
         target = torch.arange(n)
         r, c = target // w, target % w
-        above = torch.full((L, 3), L, dtype=torch.long)
-        for k, dc in enumerate((-1, 0, 1)):
-            ok = (r > 0) & (c + dc >= 0) & (c + dc < w)
-            above[lay.t2i_soi + target[ok], k] = lay.t2i_image.start + (r[ok] - 1) * w + c[ok] + dc
+        offsets = grid_offsets(cfg.grid_context_radius)
+        above = torch.full((L, len(offsets)), L, dtype=torch.long)
+        for k, (dr, dc) in enumerate(offsets):
+            ok = (r + dr >= 0) & (c + dc >= 0) & (c + dc < w)
+            above[lay.t2i_soi + target[ok], k] = lay.t2i_image.start + (r[ok] + dr) * w + c[ok] + dc
         self.register_buffer("context_slot", above, persistent=False)
         if cfg.rope_2d:  # per task and slot, the rotation angles: rows on the first half of the pairs, columns on the second
             quarter = cfg.head_dim // 4
@@ -571,15 +597,21 @@ class VisGPT(nn.Module):
 
     def grid_context(self, seq: torch.Tensor, positions: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """``grid_context``: (B, s, d), at slots ``positions`` (s,) of the sequences ``seq`` (B, >= the
-        slots read), the projected embeddings of the codes above-left, above and above-right of the
-        code each t2i slot predicts (zero where the grid has none, and on i2t rows). Every slot read
+        slots read), the projected embeddings of the codes in the causal window of the code each t2i
+        slot predicts (:func:`grid_offsets`; zero where the grid has none, and on i2t rows). Every slot read
         lies before the slot itself, so the model stays causal."""
         L = self.layout.length
-        idx = self.context_slot[positions]  # (s, 3)
-        b, s = seq.shape[0], idx.shape[0]
-        ids = seq.gather(1, idx.clamp(max=seq.shape[1] - 1).reshape(1, -1).expand(b, -1))  # (B, 3s)
-        keep = (idx < L).to(self.tok_emb.weight.dtype)[None, :, :, None]  # (1, s, 3, 1)
-        e = self.tok_emb(ids).view(b, s, 3, -1) * keep
+        idx = self.context_slot[positions]  # (s, K)
+        (b, s), k = (seq.shape[0], idx.shape[0]), idx.shape[1]
+        flat = idx.clamp(max=seq.shape[1] - 1).reshape(-1)  # (K s,)
+        keep = (idx < L).to(self.tok_emb.weight.dtype)[None, :, :, None]  # (1, s, K, 1)
+        if self.cfg.grid_context_radius == 1:
+            e = self.tok_emb(seq.gather(1, flat[None].expand(b, -1)))
+        elif k * s > seq.shape[1]:  # a pass over many slots: narrow each slot's embedding once, then gather
+            e = self.ctx_down(self.tok_emb(seq)).index_select(1, flat)
+        else:  # a decode step: narrow only the codes it reads
+            e = self.ctx_down(self.tok_emb(seq.gather(1, flat[None].expand(b, -1))))
+        e = e.view(b, s, k, -1) * keep
         return self.ctx_proj(e.flatten(2)) * (task == TASK_T2I).to(e.dtype)[:, None, None]
 
     def neighbour_context(self, seq: torch.Tensor, positions: torch.Tensor, task: torch.Tensor,
@@ -817,7 +849,8 @@ class VisGPT(nn.Module):
         (the null-prompt half of a guided batch gets the same code). ``split``: a draw that is not
         the background code is replaced by a draw among the other codes, guided at
         ``object_cfg_scale``, at ``object_temperature`` (``object_greedy``: their argmax), with
-        noise of its own (step counter offset by 2**20)."""
+        noise of its own (step counter offset by 2**20), among the codes whose probability under the
+        conditional model is at least ``object_min_p`` times that of its likeliest object code."""
         st = self.decode_state
         raw = self.image_logits(h).float()  # (B', K)
         logits = guide(raw, st.cfg_scale) if guided else raw  # (B, K)
@@ -827,6 +860,11 @@ class VisGPT(nn.Module):
         if split:
             objects = guide(raw, st.object_cfg_scale) if guided else raw
             rest = objects.index_fill(1, st.background.view(1), float("-inf"))
+            # The plausibility bound of contrastive decoding: guidance rewards a code by how much less
+            # the null prompt expects it, also when the prompt's own model finds it implausible; such
+            # codes are dropped (log 0 = -inf keeps every code).
+            cond = raw[:b].index_fill(1, st.background.view(1), float("-inf")).log_softmax(-1)
+            rest = rest.masked_fill(cond < cond.max(-1, keepdim=True).values + st.object_min_p.log(), float("-inf"))
             other = pick(rest, st.seeds[:b], st.step + OBJECT_NOISE, st.object_temperature, st.top_p,
                          greedy=object_greedy, top_k=0, nucleus=False)
             code = torch.where(code == st.background, code, other)
@@ -892,7 +930,7 @@ class VisGPT(nn.Module):
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         prefix: torch.Tensor | None = None, use_cache: bool = True,
                         object_temperature: float | None = None, background: int | None = None,
-                        object_cfg_scale: float | None = None) -> torch.Tensor:
+                        object_cfg_scale: float | None = None, object_min_p: float | None = None) -> torch.Tensor:
         """Sample image codes (B, N) for text regions (B, S) (see :meth:`Layout.text_region`).
 
         ``cfg_scale`` != 1 runs the null prompt alongside (the batch doubled) and samples from
@@ -904,7 +942,11 @@ class VisGPT(nn.Module):
         temperature instead (0 = their most likely), so objects are drawn sharper without the
         background, the per-slot mode of a sparse scene, winning more slots. ``object_cfg_scale``
         (with ``object_temperature``; default ``cfg_scale``): the guidance scale of that draw, so
-        the layout (background or not) and the objects' codes can be guided apart.
+        the layout (background or not) and the objects' codes can be guided apart. ``object_min_p``
+        (with ``object_temperature``; default 0 = off): that draw considers only the codes whose
+        probability under the conditional model is at least this fraction of its likeliest object
+        code's, the plausibility bound of contrastive decoding: guidance cannot promote a code the
+        prompt's own model finds implausible just because the null prompt's finds it less so.
         """
         check_sampling(temperature, top_k, top_p)
         if (object_temperature is None) != (background is None):
@@ -916,9 +958,13 @@ class VisGPT(nn.Module):
             if isinstance(background, bool) or not isinstance(background, int) \
                     or not 0 <= background < self.cfg.codebook_size:
                 raise ValueError(f"background must be a code id in [0, {self.cfg.codebook_size}), got {background!r}")
-        elif object_cfg_scale is not None:
-            raise ValueError(f"object_cfg_scale={object_cfg_scale} guides the object draw of object_temperature, "
-                             "which is not set")
+        elif object_cfg_scale is not None or object_min_p is not None:
+            name, value = ("object_cfg_scale", object_cfg_scale) if object_cfg_scale is not None \
+                else ("object_min_p", object_min_p)
+            raise ValueError(f"{name}={value} bounds the object draw of object_temperature, which is not set")
+        min_p = 0.0 if object_min_p is None else float(object_min_p)
+        if not 0.0 <= min_p <= 1.0:
+            raise ValueError(f"object_min_p must be in [0, 1], got {object_min_p}")
         obj_cfg = cfg_scale if object_cfg_scale is None else float(object_cfg_scale)
         if not 1.0 <= obj_cfg <= 50.0:
             raise ValueError(f"object_cfg_scale must be in [1, 50], got {object_cfg_scale}")
@@ -942,7 +988,7 @@ class VisGPT(nn.Module):
         split = object_temperature is not None
         st.start(seq, TASK_T2I, seeds.repeat(2) if guided else seeds, pos=first, step=p, cfg_scale=cfg_scale,
                  temperature=temperature, top_p=top_p, object_temperature=object_temperature if split else 1.0,
-                 background=background if split else 0, object_cfg_scale=obj_cfg)
+                 background=background if split else 0, object_cfg_scale=obj_cfg, object_min_p=min_p)
         plan = dict(guided=guided, **_plan(temperature, top_k, top_p, self.cfg.codebook_size),
                     split=split, object_greedy=split and object_temperature == 0)
         step = self._compiled_steps.get("image", self.decode_image_step)
@@ -992,7 +1038,7 @@ class VisGPT(nn.Module):
         """sha256 of the config and every weight."""
         return fingerprint(self.cfg, self.state_dict(),
                            late_fields=("code_looks", "tie_embeddings", "pooled_condition", "rope_2d", "rope_base",
-                                        "grid_context", "neighbour_context"))
+                                        "grid_context", "neighbour_context", "grid_context_radius"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Endpoints (under the route prefix)::
     GET  /healthz       {"status": "ok", "version": ...}
     GET  /v1/model      name, version, aliases, eval scores, sampling defaults, resolution
     POST /v1/generate   {prompt, n, seed, cfg_scale, temperature, top_k, top_p, object_temperature,
-                         object_cfg_scale, candidates}
+                         object_cfg_scale, object_min_p, candidates}
                         -> base64 PNGs (or image/png)
     POST /v1/caption    image (multipart field "image", or JSON {"image": base64}) + language (auto | en | zh)
                         + candidates -> caption

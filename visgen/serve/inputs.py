@@ -66,6 +66,10 @@ def request_models(limits: ServeLimits, grid_rows: int | None = None) -> dict[st
         object_cfg_scale=(float | None, Field(None, ge=1.0, le=limits.max_cfg_scale, description=(
             "Guidance scale of the object codes drawn apart from the background; cfg_scale then guides "
             "whether a slot is background (default: the model's)."))),
+        object_min_p=(float | None, Field(None, ge=0.0, le=1.0, description=(
+            "The object codes drawn apart from the background are drawn among those whose probability under "
+            "the prompt's own model is at least this fraction of the likeliest one's; 0 = all (default: the "
+            "model's)."))),
     )
     prompt = (str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw (any language the model reads)."))
     image = (str, Field(min_length=1, description="The image file (PNG, JPEG or WebP), base64-encoded."))

@@ -297,7 +297,7 @@ class VisgenModel:
         for i, j in enumerate(jobs):
             try:  # a setting this model refuses (object_temperature without a background code) fails its job only
                 pipe.resolve_sampling(j.get("cfg_scale"), j.get("temperature"), j.get("top_k"), j.get("top_p"),
-                                      j.get("object_temperature"), j.get("object_cfg_scale"))
+                                      j.get("object_temperature"), j.get("object_cfg_scale"), j.get("object_min_p"))
             except ValueError as err:
                 out[i] = {"error": str(err), "status": 422, "version": version}
                 continue
@@ -305,7 +305,7 @@ class VisgenModel:
                 prompt=j["prompt"], n=j["n"], seed=j["seed"], cfg_scale=j.get("cfg_scale"),
                 temperature=j.get("temperature"), top_k=j.get("top_k"), top_p=j.get("top_p"),
                 candidates=j.get("candidates"), object_temperature=j.get("object_temperature"),
-                object_cfg_scale=j.get("object_cfg_scale")))
+                object_cfg_scale=j.get("object_cfg_scale"), object_min_p=j.get("object_min_p")))
             at.append(i)
         for i, ims in zip(at, pipe.generate_many(requests, batch_size=None)):
             out[i] = {"images": [encode_png(im) for im in ims], "version": version, "batch": len(requests)}
@@ -332,7 +332,8 @@ class VisgenModel:
                                   seed=j.get("seed", 0), cfg_scale=j.get("cfg_scale"), temperature=j.get("temperature"),
                                   top_k=j.get("top_k"), top_p=j.get("top_p"),
                                   object_temperature=j.get("object_temperature"),
-                                  object_cfg_scale=j.get("object_cfg_scale"))
+                                  object_cfg_scale=j.get("object_cfg_scale"),
+                                  object_min_p=j.get("object_min_p"))
             except ValueError as err:
                 out.append({"error": str(err), "status": 422, "version": version})
                 continue
