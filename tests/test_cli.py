@@ -11,6 +11,9 @@ from visgen.cli import COMMANDS, DERIVED_FIELDS, build_parser, overrides_from_ar
 from visgen.config import SpecError, get_dotted, load_spec
 
 SPEC = "pipelines/shapes-tiny.yaml"
+# Fields whose other values are only valid with another field set (the spec refuses them otherwise):
+# the flags that set it, added to the command line when such a field's flag is checked.
+PREREQUISITES = {"lm.model.grid_context_radius": ["--grid-context"]}
 
 
 def _subparser(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -78,7 +81,7 @@ def _flag_check(command: tuple[str, ...], overrides=overrides_from_args) -> tupl
                 argv[-1] = action.option_strings[0] if cand else action.option_strings[1]
             else:
                 argv.append(_render(cand))
-            args = parser.parse_args(argv)
+            args = parser.parse_args(argv + PREREQUISITES.get(path, []))
             try:
                 got = get_dotted(load_spec(SPEC, overrides(args)), path)
             except SpecError:
