@@ -480,11 +480,10 @@ class VisGPT(nn.Module):
         self.head = _TiedHead(self.tok_emb) if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.pooled_condition:
             self.cond_proj = nn.Linear(d, d, bias=False)
+        offsets = grid_offsets(cfg.grid_context_radius)  # grid_context's causal window (the slot table below)
         if cfg.grid_context:
-            r = cfg.grid_context_radius
-            offsets = grid_offsets(r)
-            if r == 1:
-                self.ctx_proj = nn.Linear(3 * d, d, bias=False)
+            if cfg.grid_context_radius == 1:
+                self.ctx_proj = nn.Linear(len(offsets) * d, d, bias=False)
             else:  # each code's embedding narrowed first: 11 codes at r = 2 cost what 3 full ones do
                 self.ctx_down = nn.Linear(d, d // 4, bias=False)
                 self.ctx_proj = nn.Linear(len(offsets) * (d // 4), d, bias=False)
@@ -506,7 +505,6 @@ class VisGPT(nn.Module):
         # that slot predicts (slot t2i_soi + j predicts cell j; grid_offsets); L where there is none.
         target = torch.arange(n)
         r, c = target // w, target % w
-        offsets = grid_offsets(cfg.grid_context_radius)
         above = torch.full((L, len(offsets)), L, dtype=torch.long)
         for k, (dr, dc) in enumerate(offsets):
             ok = (r + dr >= 0) & (c + dc >= 0) & (c + dc < w)
@@ -829,13 +827,13 @@ class VisGPT(nn.Module):
         return self.norm(x)
 
     def decode_image_step(self, guided: bool, greedy: bool, top_k: int, nucleus: bool, split: bool = False,
-                          object_greedy: bool = False) -> None:
+                          object_greedy: bool = False, bounded: bool = False) -> None:
         """One image code for every row of :attr:`decode_state`, in place (what ``compile_decode``
         compiles): the token at ``pos`` through the cache, then :meth:`_emit_image`."""
         st = self.decode_state
         h = self.forward_step(st.seq.index_select(1, st.pos), st.pos, st.task)[:, -1]  # (B', d)
         self._emit_image(h, guided=guided, greedy=greedy, top_k=top_k, nucleus=nucleus, split=split,
-                         object_greedy=object_greedy)
+                         object_greedy=object_greedy, bounded=bounded)
 
     def decode_text_step(self, greedy: bool, top_k: int, nucleus: bool) -> None:
         """One caption token for every row of :attr:`decode_state`, in place (see :meth:`_emit_text`)."""
@@ -844,13 +842,13 @@ class VisGPT(nn.Module):
         self._emit_text(h, greedy=greedy, top_k=top_k, nucleus=nucleus)
 
     def _emit_image(self, h: torch.Tensor, *, guided: bool, greedy: bool, top_k: int, nucleus: bool,
-                    split: bool = False, object_greedy: bool = False) -> None:
+                    split: bool = False, object_greedy: bool = False, bounded: bool = False) -> None:
         """Hidden states at ``pos`` (B', d) → the next image code of each prompt, written at ``pos + 1``
         (the null-prompt half of a guided batch gets the same code). ``split``: a draw that is not
         the background code is replaced by a draw among the other codes, guided at
         ``object_cfg_scale``, at ``object_temperature`` (``object_greedy``: their argmax), with
-        noise of its own (step counter offset by 2**20), among the codes whose probability under the
-        conditional model is at least ``object_min_p`` times that of its likeliest object code."""
+        noise of its own (step counter offset by 2**20); ``bounded``: among the codes whose probability
+        under the conditional model is at least ``object_min_p`` times that of its likeliest object code."""
         st = self.decode_state
         raw = self.image_logits(h).float()  # (B', K)
         logits = guide(raw, st.cfg_scale) if guided else raw  # (B, K)
@@ -860,11 +858,13 @@ class VisGPT(nn.Module):
         if split:
             objects = guide(raw, st.object_cfg_scale) if guided else raw
             rest = objects.index_fill(1, st.background.view(1), float("-inf"))
-            # The plausibility bound of contrastive decoding: guidance rewards a code by how much less
-            # the null prompt expects it, also when the prompt's own model finds it implausible; such
-            # codes are dropped (log 0 = -inf keeps every code).
-            cond = raw[:b].index_fill(1, st.background.view(1), float("-inf")).log_softmax(-1)
-            rest = rest.masked_fill(cond < cond.max(-1, keepdim=True).values + st.object_min_p.log(), float("-inf"))
+            if bounded:
+                # The plausibility bound of contrastive decoding: guidance rewards a code by how much less
+                # the null prompt expects it, also when the prompt's own model finds it implausible; such
+                # codes are dropped. A probability ratio is a logit difference: no softmax needed.
+                cond = raw[:b].index_fill(1, st.background.view(1), float("-inf"))
+                low = cond < cond.max(-1, keepdim=True).values + st.object_min_p.log()
+                rest = rest.masked_fill(low, float("-inf"))
             other = pick(rest, st.seeds[:b], st.step + OBJECT_NOISE, st.object_temperature, st.top_p,
                          greedy=object_greedy, top_k=0, nucleus=False)
             code = torch.where(code == st.background, code, other)
@@ -990,7 +990,7 @@ class VisGPT(nn.Module):
                  temperature=temperature, top_p=top_p, object_temperature=object_temperature if split else 1.0,
                  background=background if split else 0, object_cfg_scale=obj_cfg, object_min_p=min_p)
         plan = dict(guided=guided, **_plan(temperature, top_k, top_p, self.cfg.codebook_size),
-                    split=split, object_greedy=split and object_temperature == 0)
+                    split=split, object_greedy=split and object_temperature == 0, bounded=split and min_p > 0)
         step = self._compiled_steps.get("image", self.decode_image_step)
         self._decode(self._emit_image, step, first, lay.n_image - p, use_cache, plan)
         return st.seq[:b, lay.t2i_image] - lay.text_vocab
