@@ -265,3 +265,70 @@ def test_muon_orthogonalises_in_the_chosen_dtype_and_agrees_with_torchs():
     opt.load_state_dict(ref_opt.state_dict())  # torch's checkpoints load into ours
     with pytest.raises(ValueError, match="original"):
         Muon([torch.nn.Parameter(torch.zeros(2, 2))], adjust_lr_fn="match_rms_adamw")
+
+
+# -- the weight average (train.ema_decay) -----------------------------------------------------------
+def test_weight_average_follows_the_ramped_decay_and_copies_integer_buffers():
+    from visgen.train.ema import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # float and integer buffers
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    ema = WeightAverage({"model": net}, decay=0.9)
+    expected = {k: v.clone().double() for k, v in start.items() if v.is_floating_point()}
+    for n in range(1, 31):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net.train()(torch.randn(4, 3))  # moves the running stats, counts a batch
+        d = min(0.9, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update({"model": net})
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                expected[k] = d * expected[k] + (1 - d) * v.double()
+    assert ema.updates == 30
+    for k, v in ema.shadow["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(v.double(), expected[k], atol=1e-5), k
+            assert not torch.allclose(v, net.state_dict()[k]), f"{k}: the average is not the last weights"
+    assert int(ema.shadow["model"]["1.num_batches_tracked"]) == 30  # copied, not averaged
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema.copy_to({"model": other})
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, ema.shadow["model"][k])
+
+
+def test_weight_average_round_trips_through_a_checkpoint_and_refuses_another_model(tmp_path):
+    from visgen.train.checkpoint import load_ema
+    from visgen.train.ema import WeightAverage
+
+    net, env = _trained_env()
+    ema = WeightAverage({"model": net}, decay=0.99)
+    for _ in range(3):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        ema.update({"model": net})
+    save_checkpoint(tmp_path / "ck", progress=Progress(step=3, epoch=0, samples_seen=15), modules={"model": net},
+                    optimizers=env.optimizers, schedulers=env.schedulers, ema=ema.state_dict())
+    assert "ema.safetensors" in read_progress(tmp_path / "ck")[1]["files"]
+    again = WeightAverage({"model": net}, decay=0.99)
+    again.load_state_dict(load_ema(tmp_path / "ck"), {"model": net})
+    assert again.updates == 3
+    assert_same(again.shadow, ema.shadow)
+    save_checkpoint(tmp_path / "plain", progress=Progress(step=3, epoch=0, samples_seen=15), modules={"model": net},
+                    optimizers=env.optimizers, schedulers=env.schedulers)
+    assert load_ema(tmp_path / "plain") is None
+    with pytest.raises(ValueError, match="does not fit the module"):
+        again.load_state_dict(load_ema(tmp_path / "ck"), {"model": torch.nn.Linear(4, 2)})
+    with pytest.raises(ValueError, match="holds modules"):
+        again.load_state_dict(load_ema(tmp_path / "ck"), {"disc": net})
+    with pytest.raises(ValueError, match="ema decay"):
+        WeightAverage({"model": net}, decay=1.0)
+
+
+def test_a_bad_ema_decay_names_the_field():
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            TrainConfig(ema_decay=bad)
+    assert TrainConfig().ema_decay is None and TrainConfig(ema_decay=0.995).ema_decay == 0.995

@@ -259,11 +259,11 @@ def test_optimizer_step_returns_the_norm_as_a_tensor():
     assert isinstance(norm, torch.Tensor) and norm.ndim == 0 and float(norm) > 0
 
 
-# -- the loop end to end (local mode): the in-memory feed resumes exactly -----------------------------
+# -- the loop end to end (local mode): the in-memory feed and the weight average resume exactly --------
 @pytest.mark.slow  # three short local-mode runs: ~40 s on two busy cores
 def test_in_memory_resume_matches_an_uninterrupted_run(ray_session, tmp_path):
-    from visgen.models.vq import vq_config
-    from visgen.train.checkpoint import load_state, read_progress
+    from visgen.models.vq import load_vq, vq_config
+    from visgen.train.checkpoint import load_ema, load_state, read_progress
     from visgen.train.config import ScalingConfig
     from visgen.train.image_tokenizer import train_image_tokenizer
 
@@ -271,7 +271,7 @@ def test_in_memory_resume_matches_an_uninterrupted_run(ray_session, tmp_path):
     images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     ds = ray_session.data.from_items([{"image": im} for im in images], override_num_blocks=3)
     base = dict(batch_size=8, lr=1e-3, schedule="constant", log_every=2, checkpoint_every=3, seed=5,
-                data_in_memory=True)
+                data_in_memory=True, ema_decay=0.8)
     cfg = vq_config("tiny")
     straight = train_image_tokenizer(cfg, TrainConfig(steps=7, **base), ScalingConfig(num_workers=0), ds,
                                      workdir=tmp_path / "a")
@@ -282,6 +282,13 @@ def test_in_memory_resume_matches_an_uninterrupted_run(ray_session, tmp_path):
     a, b = (tmp_path / d / "ray_results" / "image_tokenizer" / "checkpoint_00000007" for d in ("a", "b"))
     wa, wb = load_state(a, "modules")["model"], load_state(b, "modules")["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The average went on from the checkpoint's, and what was exported is the average, not the last step.
+    ea, eb = load_ema(a), load_ema(b)
+    assert ea["updates"] == eb["updates"] == 7
+    assert all(torch.equal(ea["modules"]["model"][k], eb["modules"]["model"][k]) for k in wa)
+    exported = load_vq(resumed.model_dir).state_dict()
+    assert all(torch.equal(exported[k], eb["modules"]["model"][k]) for k in exported)
+    assert not torch.equal(exported["decoder.conv_out.weight"], wb["decoder.conv_out.weight"])
     # 5 batches per epoch: the resumed run went on at batch 3 of epoch 0, then into epoch 1.
     assert read_progress(b)[1]["meta"]["feed"] == {"mode": "memory", "rows": 40, "batch_size": 8, "seed": 5,
                                                    "epoch": 1, "index": 2}

@@ -11,6 +11,7 @@ One checkpoint directory (``checkpoint_00000200`` for step 200)::
 
     trainer.json                          format, version, step, epoch, samples seen, world size
     modules.safetensors + modules.json    {module name: state_dict}   (rank 0)
+    ema.safetensors + ema.json            the weight average, with train.ema_decay   (rank 0)
     optim.safetensors + optim.json        {"optimizers": {...}, "schedulers": {...}}   (rank 0)
     rng_rank{R}.safetensors + .json       torch / CUDA / numpy / python RNG of rank R   (every rank)
 
@@ -183,8 +184,10 @@ def checkpoint_dir_name(step: int) -> str:
 
 def save_checkpoint(directory: str | Path, *, progress: Progress, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any],
-                    rank: int = 0, world_size: int = 1, meta: dict | None = None) -> Path:
-    """Write this rank's part of a checkpoint into ``directory`` (see the module docstring)."""
+                    rank: int = 0, world_size: int = 1, meta: dict | None = None,
+                    ema: dict | None = None) -> Path:
+    """Write this rank's part of a checkpoint into ``directory`` (see the module docstring).
+    ``ema``: the weight average's state (:class:`visgen.train.ema.WeightAverage`), rank 0."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_state(d, f"rng_rank{rank}", capture_rng())
@@ -192,10 +195,12 @@ def save_checkpoint(directory: str | Path, *, progress: Progress, modules: dict[
         save_state(d, "modules", {k: m.state_dict() for k, m in modules.items()})
         save_state(d, "optim", {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()}})
+        if ema is not None:
+            save_state(d, "ema", ema)
         # Sizes of rank 0's files: an upload that copied trainer.json but not all of the rest
         # (a failure mid-copy) is recognised as incomplete by checkpoint_complete().
         files = {p.name: p.stat().st_size for p in sorted(d.iterdir())
-                 if p.name.startswith(("modules.", "optim.", "rng_rank0."))}
+                 if p.name.startswith(("modules.", "optim.", "rng_rank0.", "ema."))}
         info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(progress),
                 "world_size": world_size, "saved_at": time.time(), "files": files, "meta": meta or {}}
         (d / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -260,6 +265,12 @@ def load_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module
     if rng_restored:
         restore_rng(load_state(d, f"rng_rank{rank}"))
     return progress, rng_restored
+
+
+def load_ema(directory: str | Path) -> dict | None:
+    """The weight average saved with a checkpoint (``train.ema_decay``), or None when it has none."""
+    d = storage.local_copy(directory)
+    return load_state(d, "ema") if (Path(d) / "ema.json").is_file() else None
 
 
 def load_module_weights(directory: str | Path, name: str) -> dict[str, torch.Tensor]:

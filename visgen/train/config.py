@@ -54,6 +54,10 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr over this many steps.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warmup: cosine decay to min_lr_ratio*lr, or constant.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Floor of the cosine schedule as a fraction of lr.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description=(
+        "Keep an exponential moving average of the weights (this decay per step, ramped up as (1+n)/(10+n) over "
+        "the first updates; it averages about the last 1/(1-decay) steps) and export and evaluate it instead of "
+        "the last step's weights. Checkpoints carry it, so a resumed run continues the same average. None: off."))
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm of each optimiser to this; 0 disables.")
     checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every this many steps (and always at the end).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Keep only the newest this many checkpoints of a run.")

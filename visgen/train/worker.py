@@ -34,10 +34,11 @@ import torch.distributed as dist
 from visgen import storage
 from visgen.tracking import Tracker, flatten
 from visgen.train.checkpoint import (
-    Progress, checkpoint_dir_name, child, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
-    read_progress, save_checkpoint, seed_everything,
+    Progress, checkpoint_dir_name, child, latest_checkpoint, list_checkpoints, load_checkpoint, load_ema,
+    prune_checkpoints, read_progress, save_checkpoint, seed_everything,
 )
 from visgen.train.config import TrainConfig
+from visgen.train.ema import WeightAverage
 from visgen.train.feed import EpochEnd, Feed, InMemoryData, iter_stream_epoch
 from visgen.train.scaling import WorkerResources
 from visgen.train.task import TrainTask, WorkerEnv
@@ -116,6 +117,9 @@ class WorkerRun:
         seed_everything(self.tc.seed)
         self.trainable = self.task.setup(self.env)
         self.env.build_optimizers(self.trainable.param_groups)
+        # The weight average lives on rank 0, which alone evaluates, saves and exports the modules.
+        self.ema = (WeightAverage(self.trainable.modules, self.tc.ema_decay)
+                    if self.tc.ema_decay is not None and rank == 0 else None)
         seed_everything(self.tc.seed + rank)
         self.progress = Progress()
         self.resumed_from: int | None = None
@@ -168,6 +172,14 @@ class WorkerRun:
                 return
             progress, rng_ok = load_checkpoint(directory, modules=self.trainable.modules, optimizers=env.optimizers,
                                                schedulers=env.schedulers, rank=env.rank)
+            if self.ema is not None:
+                saved = load_ema(directory)
+                if saved is not None:
+                    self.ema.load_state_dict(saved, self.trainable.modules)
+                else:
+                    log.info("%s holds no weight average (trained without train.ema_decay): the average starts "
+                             "from its weights", storage.name(directory))
+                    self.ema.reset(self.trainable.modules)
             self.feed_state = dict((read_progress(directory)[1].get("meta") or {}).get("feed") or {})
         env.reapply_schedule()
         if not rng_ok:  # no RNG state for this rank (more workers than at save time): a fresh, deterministic one
@@ -219,6 +231,8 @@ class WorkerRun:
                     position.update(epoch=progress.epoch, index=0)
                     continue
                 run_step(self.task, env, item.batch, progress.step, meter)
+                if self.ema is not None:
+                    self.ema.update(self.trainable.modules)
                 progress.step += 1
                 progress.samples_seen += tc.batch_size
                 position.update(epoch=item.epoch, index=item.index + 1)
@@ -243,6 +257,10 @@ class WorkerRun:
                 if step >= tc.steps:
                     break
 
+        if self.ema is not None:  # the last checkpoint keeps the step's own weights; from here on, the average
+            self.ema.copy_to(self.trainable.modules)
+            log.info("the weights are now the average of training (ema_decay %g, %d updates): evaluated and exported",
+                     self.ema.decay, self.ema.updates)
         last_eval = self.quick_eval(progress.step)
         return {"step": progress.step, "metrics": last_metrics, "eval": last_eval, "history": history,
                 "checkpoint": str(child(self.run_dir, checkpoint_dir_name(progress.step)))}
@@ -322,7 +340,8 @@ class WorkerRun:
         report = {"step": progress.step, "epoch": progress.epoch,
                   **{k: v for k, v in metrics.items() if isinstance(v, float)}}
         parts = dict(progress=progress, modules=self.trainable.modules, optimizers=env.optimizers,
-                     schedulers=env.schedulers, rank=env.rank, world_size=env.world_size, meta=meta)
+                     schedulers=env.schedulers, rank=env.rank, world_size=env.world_size, meta=meta,
+                     ema=self.ema.state_dict() if self.ema is not None else None)
         if self.resources.local_mode and storage.is_url(run_dir):
             # Ray keeps no local-mode checkpoints: write here, then upload (trainer.json names every
             # file with its size, so a half-uploaded checkpoint is never taken for a complete one).
