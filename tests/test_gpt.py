@@ -793,3 +793,54 @@ def test_rope_2d_makes_image_attention_see_grid_offsets_and_decodes_as_recompute
     # a head that cannot be split between rows and columns is refused with the numbers
     with pytest.raises(ValueError, match="head_dim = d_model / n_head = 6 must divide by 4"):
         gpt_config("tiny", d_model=12, n_head=2, rope_2d=True)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(n_layer=3, rope_2d=True),
+    dict(n_layer=1, pooled_condition=True, grid_context=True, grid_context_radius=3, neighbour_context=True),
+])
+@pytest.mark.parametrize("n_t2i", [0, 4, 6])
+def test_loss_at_the_scored_slots_equals_the_loss_of_the_whole_pass(overrides, n_t2i):
+    """The loss runs the last block only where it is scored (hidden_at) and the grid context only on
+    t2i rows; its value and every gradient equal those of the whole causal pass (hidden) read there."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = VisGPT(gpt_config("tiny", text_vocab=TEXT_VOCAB, codebook_size=CODES, grid=(4, 4), max_text_tokens=8,
+                          **overrides))
+    lay, b = m.layout, 6
+    g = torch.Generator().manual_seed(1)
+    text = torch.tensor([lay.text_region(torch.randint(10, TEXT_VOCAB, (1 + i,), generator=g).tolist(),
+                                         lang=None if i < n_t2i else ("en", "zh")[i % 2]) for i in range(b)])
+    image = torch.randint(0, CODES, (b, lay.n_image), generator=g)
+    tokens = torch.cat([lay.t2i(text[:n_t2i], image[:n_t2i]), lay.i2t(image[n_t2i:], text[n_t2i:])])
+
+    def whole_pass_loss():
+        task = torch.tensor([TASK_T2I] * n_t2i + [TASK_I2T] * (b - n_t2i))
+        h = m.hidden(tokens, task)  # first_i2t unset: every slot of every row computed
+        parts = []
+        if n_t2i:
+            logits = m.image_logits(h[:n_t2i, lay.t2i_soi: lay.t2i_soi + lay.n_image])
+            parts.append(F.cross_entropy(logits.flatten(0, 1), (tokens[:n_t2i, lay.t2i_image] - TEXT_VOCAB).flatten())
+                         * n_t2i / b)
+        if b > n_t2i:
+            logits = m.text_logits(h[n_t2i:, lay.i2t_eoi: lay.i2t_eoi + lay.text_slots], m.i2t_blocked)
+            target = tokens[n_t2i:, lay.i2t_text].masked_fill(tokens[n_t2i:, lay.i2t_text] == PAD, -100)
+            parts.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100) * (b - n_t2i) / b)
+        return sum(parts)
+
+    results = []
+    for fn in (lambda: m.loss(tokens, n_t2i)[0], whole_pass_loss):
+        m.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (whole, whole_grads) = results
+    assert torch.allclose(fast, whole, atol=1e-6), (fast, whole)
+    assert fast_grads.keys() <= whole_grads.keys()
+    for k, grad in whole_grads.items():  # a part no scored slot reads gets no gradient (the whole pass: zeros)
+        assert torch.allclose(fast_grads.get(k, torch.zeros_like(grad)), grad, atol=1e-6), k
+    nll, count = m.sequence_nll(tokens, n_t2i)
+    assert torch.allclose(nll.sum() / count.sum() if n_t2i in (0, b) else nll.new_tensor(0.0),
+                          whole.float() if n_t2i in (0, b) else nll.new_tensor(0.0), atol=1e-5)
