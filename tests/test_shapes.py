@@ -193,3 +193,29 @@ def test_bad_inputs_name_the_value():
         ObjectSlot("star", count=5)
     with pytest.raises(ValueError, match="two single objects"):
         Prompt((ObjectSlot("star", 2), ObjectSlot("circle")), "above")
+
+
+def test_large_share_sets_how_often_an_unstated_size_is_large_and_keeps_stated_ones():
+    def sizes(share: float, n: int = 240) -> tuple[Counter, Counter]:
+        free, stated = Counter(), Counter()
+        for i in range(n):
+            scene = S.sample_scene(S.TASKS[i % len(S.TASKS)], i, extra_attribute_prob=0.5, large_share=share)
+            assert scene.prompt.holds_for(scene.objects), scene  # every layout rule still holds
+            for o in scene.objects:
+                slot = scene.prompt.objects[o.slot]
+                (stated if slot.size else free)[o.size] += 1
+                if slot.size:
+                    assert o.size == slot.size
+        return free, stated
+
+    all_large, stated = sizes(1.0)
+    assert set(all_large) == {"large"} and set(stated) == set(S.SIZES)
+    assert set(sizes(0.0)[0]) == {"small"}
+    mostly = sizes(0.8)[0]
+    assert 0.72 < mostly["large"] / sum(mostly.values()) < 0.88
+    # The default draws exactly the scenes made before the option existed (the same random stream).
+    assert [S.sample_scene("counting", i) for i in range(20)] == [S.sample_scene("counting", i, large_share=0.5)
+                                                                  for i in range(20)]
+    for bad in (1.5, -0.1, "0.8", True):
+        with pytest.raises(ValueError, match=f"large_share.*{bad!r}" if not isinstance(bad, str) else "large_share"):
+            S.sample_scene("single_object", 0, large_share=bad)

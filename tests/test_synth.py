@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -135,6 +136,18 @@ def test_equal_task_mixes_hash_equally():
     assert config_hash(a) == config_hash(b)
     assert SynthConfig(task_weights={"counting": 1, "colors": 1}) != a
     assert config_hash(a) != config_hash(SynthConfig()) == config_hash(SynthConfig(output="elsewhere"))
+
+
+def test_large_share_changes_the_shards_hash_only_off_its_default():
+    assert config_hash(SynthConfig(large_share=0.5)) == config_hash(SynthConfig())
+    assert config_hash(SynthConfig(large_share=0.8)) != config_hash(SynthConfig())
+    # The hash of shard sets written before the option existed (the default's content lacks it).
+    content = SynthConfig().model_dump(mode="json", exclude={"output", "cpus_per_shard", "large_share"})
+    content["task_weights"] = [1 / len(shapes.TASKS)] * len(shapes.TASKS)
+    content["generator"] = shapes.GENERATOR_VERSION
+    assert config_hash(SynthConfig()) == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    with pytest.raises(ValueError, match="large_share"):
+        SynthConfig(large_share=1.2)
 
 
 def test_synthesize_with_ray_skips_refuses_overwrites_and_resumes(ray_session, tmp_path):

@@ -472,15 +472,22 @@ def _check_slots_disjoint(prompt: Prompt) -> None:
                                  "that tells them apart; no scene can realise both exactly")
 
 
-def layout_prompt(prompt: Prompt, rng: np.random.Generator) -> tuple[SceneObject, ...]:
-    """Objects realising ``prompt``: free colours and sizes drawn at random, positions by :func:`_layout`."""
+def layout_prompt(prompt: Prompt, rng: np.random.Generator, large_share: float = 0.5) -> tuple[SceneObject, ...]:
+    """Objects realising ``prompt``: free colours and sizes drawn at random, positions by :func:`_layout`.
+    An object whose size the prompt leaves free is large with probability ``large_share``."""
     _check_slots_disjoint(prompt)
+    _check_share(large_share)
     colors = tuple(COLORS)
     specs = []
     for slot_index, slot in enumerate(prompt.objects):
         for _ in range(slot.count):
             color = slot.color or colors[rng.integers(len(colors))]
-            size = slot.size or SIZES[rng.integers(len(SIZES))]
+            if slot.size:
+                size = slot.size
+            elif large_share == 0.5:  # the draw every scene made before large_share existed: same scenes
+                size = SIZES[rng.integers(len(SIZES))]
+            else:
+                size = "large" if rng.random() < large_share else "small"
             lo, hi = SIZE_EXTENT[size]
             specs.append((slot.shape, color, size, float(lo + rng.random() * (hi - lo)), slot_index))
     halves = np.array([[0.5 * a * ext for a in shape_aspect(shape)] for shape, _, _, ext, _ in specs])
@@ -498,15 +505,21 @@ def scene_for_prompt(prompt: Prompt, seed: int, *, task: str | None = None, reso
                  check_resolution(resolution))
 
 
+def _check_share(large_share: float) -> None:
+    if isinstance(large_share, bool) or not isinstance(large_share, (int, float)) or not 0.0 <= large_share <= 1.0:
+        raise ValueError(f"large_share must be a probability in [0, 1], got {large_share!r}")
+
+
 def sample_scene(task: str, seed: int, *, resolution: int = 32, extra_attribute_prob: float = 0.0,
-                 scene_id: str | None = None) -> Scene:
-    """A random scene for ``task``; the same (task, seed, extra_attribute_prob) always gives the same scene."""
+                 scene_id: str | None = None, large_share: float = 0.5) -> Scene:
+    """A random scene for ``task``; the same (task, seed, extra_attribute_prob, large_share) always
+    gives the same scene. ``large_share``: see :func:`layout_prompt`."""
     _check_choice("task", task, TASKS)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(int(seed))
     prompt = sample_prompt(task, rng, extra_attribute_prob)
-    objects = layout_prompt(prompt, rng)
+    objects = layout_prompt(prompt, rng, large_share)
     return Scene(scene_id or f"{task}-{seed}", int(seed), task, prompt, objects, check_resolution(resolution))
 
 

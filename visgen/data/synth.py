@@ -71,6 +71,11 @@ class SynthConfig(Section):
     extra_attribute_prob: float = Field(
         0.5, ge=0.0, le=1.0,
         description="Probability that a caption also states an attribute its task does not need (a size, a colour).")
+    large_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Probability that an object whose size the caption does not state is drawn large (else small). "
+                    "Above 0.5 a prompt without a size is mostly drawn large, where shapes are legible: at 32 px a "
+                    "small hexagon is a few pixels from a circle.")
     cpus_per_shard: float = Field(1.0, gt=0.0, le=64.0,
                                   description="Ray CPUs reserved by each shard-writing task (fractions allowed).")
 
@@ -97,7 +102,9 @@ def preset(name: str, **overrides: Any) -> SynthConfig:
 
 def config_hash(cfg: SynthConfig) -> str:
     """Hash of everything that decides the shards' bytes (not where they go or how they are scheduled)."""
-    content = cfg.model_dump(mode="json", exclude={"output", "cpus_per_shard"})
+    # large_share at its default leaves the hash of shard sets written before it existed as it was.
+    exclude = {"output", "cpus_per_shard"} | ({"large_share"} if cfg.large_share == 0.5 else set())
+    content = cfg.model_dump(mode="json", exclude=exclude)
     # Tasks left out weigh 0, and only the ratios matter: equal mixes hash equally.
     total = sum(cfg.task_weights.values())
     content["task_weights"] = [cfg.task_weights.get(t, 0.0) / total for t in shapes.TASKS]
@@ -124,16 +131,16 @@ def sample_key(cfg: SynthConfig, shard_index: int, sample_index: int) -> str:
 # -- one sample -----------------------------------------------------------------------------------
 
 def make_scene(task: str, seed: int, *, resolution: int = 32, language: str = "en", zh_fraction: float = 0.5,
-               extra_attribute_prob: float = 0.0, scene_id: str | None = None) -> shapes.Scene:
+               extra_attribute_prob: float = 0.0, scene_id: str | None = None, large_share: float = 0.5) -> shapes.Scene:
     """A captioned scene; the same arguments always give the same scene and caption.
 
     This is exactly how shard samples are made (the json's ``seed`` and ``task``, with the
-    config's ``language`` / ``zh_fraction`` / ``extra_attribute_prob``, rebuild any sample), and
+    config's ``language`` / ``zh_fraction`` / ``extra_attribute_prob`` / ``large_share``, rebuild any sample), and
     how the evaluation suite should make its prompts: ``extra_attribute_prob=0`` gives
     GenEval-style prompts that state only what the task needs.
     """
     scene = shapes.sample_scene(task, seed, resolution=resolution, extra_attribute_prob=extra_attribute_prob,
-                                scene_id=scene_id)
+                                scene_id=scene_id, large_share=large_share)
     # A separate stream for the wording, so the layout does not depend on the language.
     rng = np.random.default_rng([int(seed), 1])
     return captions.caption_scene(scene, language, rng, zh_fraction)
@@ -181,7 +188,7 @@ def _sample(cfg: SynthConfig, shard_index: int, sample_index: int, task_p: np.nd
     scene_seed = int(rng.integers(2**53))  # exact as a JSON number in any reader
     return make_scene(task, scene_seed, resolution=cfg.resolution, language=cfg.language,
                       zh_fraction=cfg.zh_fraction, extra_attribute_prob=cfg.extra_attribute_prob,
-                      scene_id=sample_key(cfg, shard_index, sample_index))
+                      scene_id=sample_key(cfg, shard_index, sample_index), large_share=cfg.large_share)
 
 
 def _task_probabilities(cfg: SynthConfig) -> np.ndarray:
