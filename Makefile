@@ -11,7 +11,7 @@ PIPELINE ?= pipelines/shapes-32.yaml
 PYTEST_ARGS ?=
 # pip retries a refused connection itself but not a download cut off half way ("Connection broken:
 # IncompleteRead"), which failed a CI set-up once: run each install up to three times, 15 s apart.
-PIP_INSTALL = for try in 1 2 3; do $(BIN)/python -m pip install $(1) && break; \
+PIP_INSTALL = echo "pip install $(1)"; for try in 1 2 3; do $(BIN)/python -m pip install $(1) && break; \
 	if [ $$try = 3 ]; then echo "pip install $(1) failed 3 times" >&2; exit 1; fi; \
 	echo "pip install failed (try $$try of 3); retrying in 15 s" >&2; sleep 15; done
 
@@ -21,9 +21,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(call PIP_INSTALL,--quiet --upgrade pip)
-	$(call PIP_INSTALL,--quiet --no-compile $(TORCH_SPEC))
-	$(call PIP_INSTALL,--quiet --no-compile -e '.[dev]')
+	@$(call PIP_INSTALL,--quiet --upgrade pip)
+	@$(call PIP_INSTALL,--quiet --no-compile $(TORCH_SPEC))
+	@$(call PIP_INSTALL,--quiet --no-compile -e '.[dev]')
 	@# Byte-compile once on every core instead of pip's one file at a time (2:50 -> 2:21 on 2 cores).
 	@# Like pip, skip files this Python cannot compile (torch ships tests written for newer ones).
 	@$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
