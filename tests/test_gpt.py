@@ -816,19 +816,23 @@ def test_loss_at_the_scored_slots_equals_the_loss_of_the_whole_pass(overrides, n
     image = torch.randint(0, CODES, (b, lay.n_image), generator=g)
     tokens = torch.cat([lay.t2i(text[:n_t2i], image[:n_t2i]), lay.i2t(image[n_t2i:], text[n_t2i:])])
 
-    def whole_pass_loss():
+    def whole_pass_parts() -> dict[int, torch.Tensor]:
+        """Per task, its mean loss from the whole pass."""
         task = torch.tensor([TASK_T2I] * n_t2i + [TASK_I2T] * (b - n_t2i))
         h = m.hidden(tokens, task)  # first_i2t unset: every slot of every row computed
-        parts = []
+        parts = {}
         if n_t2i:
             logits = m.image_logits(h[:n_t2i, lay.t2i_soi: lay.t2i_soi + lay.n_image])
-            parts.append(F.cross_entropy(logits.flatten(0, 1), (tokens[:n_t2i, lay.t2i_image] - TEXT_VOCAB).flatten())
-                         * n_t2i / b)
+            parts[TASK_T2I] = F.cross_entropy(logits.flatten(0, 1), (tokens[:n_t2i, lay.t2i_image] - TEXT_VOCAB).flatten())
         if b > n_t2i:
             logits = m.text_logits(h[n_t2i:, lay.i2t_eoi: lay.i2t_eoi + lay.text_slots], m.i2t_blocked)
             target = tokens[n_t2i:, lay.i2t_text].masked_fill(tokens[n_t2i:, lay.i2t_text] == PAD, -100)
-            parts.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100) * (b - n_t2i) / b)
-        return sum(parts)
+            parts[TASK_I2T] = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        return parts
+
+    def whole_pass_loss():
+        parts = whole_pass_parts()
+        return sum(parts[t] * (n_t2i if t == TASK_T2I else b - n_t2i) / b for t in parts)
 
     results = []
     for fn in (lambda: m.loss(tokens, n_t2i)[0], whole_pass_loss):
@@ -841,6 +845,9 @@ def test_loss_at_the_scored_slots_equals_the_loss_of_the_whole_pass(overrides, n
     assert fast_grads.keys() <= whole_grads.keys()
     for k, grad in whole_grads.items():  # a part no scored slot reads gets no gradient (the whole pass: zeros)
         assert torch.allclose(fast_grads.get(k, torch.zeros_like(grad)), grad, atol=1e-6), k
-    nll, count = m.sequence_nll(tokens, n_t2i)
-    assert torch.allclose(nll.sum() / count.sum() if n_t2i in (0, b) else nll.new_tensor(0.0),
-                          whole.float() if n_t2i in (0, b) else nll.new_tensor(0.0), atol=1e-5)
+    nll, count = m.sequence_nll(tokens, n_t2i)  # the scoring pass takes the same path
+    with torch.no_grad():
+        parts = whole_pass_parts()
+    for t, rows in ((TASK_T2I, slice(0, n_t2i)), (TASK_I2T, slice(n_t2i, b))):
+        if t in parts:
+            assert torch.allclose(nll[rows].sum() / count[rows].sum(), parts[t].float(), atol=1e-5), t

@@ -720,13 +720,17 @@ class VisGPT(nn.Module):
     def hidden(self, tokens: torch.Tensor, task: torch.Tensor, first_i2t: int = 0) -> torch.Tensor:
         """Full causal pass over whole sequences (B, L) → final-norm hidden states (B, L, d);
         ``first_i2t`` as in :meth:`embed` (a training batch's ``n_t2i``)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        cond = self.condition(tokens, task) if self.cfg.pooled_condition else None
-        x = self.embed(tokens, positions, task, cond, first_i2t=first_i2t)
-        rope = self.rope(positions, task)
+        x, rope = self._embed_whole(tokens, task, first_i2t)
         for block in self.blocks:
             x = block(x, rope=rope)
         return self.norm(x)
+
+    def _embed_whole(self, tokens: torch.Tensor, task: torch.Tensor,
+                     first_i2t: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The input of a pass over whole sequences (B, L) from slot 0: the embeddings (B, L, d) and the rope angles."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cond = self.condition(tokens, task) if self.cfg.pooled_condition else None
+        return self.embed(tokens, positions, task, cond, first_i2t=first_i2t), self.rope(positions, task)
 
     def hidden_at(self, tokens: torch.Tensor, task: torch.Tensor, groups: Sequence[tuple[slice, slice]],
                   first_i2t: int = 0) -> list[torch.Tensor]:
@@ -736,10 +740,7 @@ class VisGPT(nn.Module):
         and values need them all); the last block's queries, attention output and MLP run only on
         the slots asked for: a training batch's loss reads 64 of a 95-slot t2i row and 27 of an i2t
         row, so with one block that is 58 % of its work."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        cond = self.condition(tokens, task) if self.cfg.pooled_condition else None
-        x = self.embed(tokens, positions, task, cond, first_i2t=first_i2t)
-        rope = self.rope(positions, task)
+        x, rope = self._embed_whole(tokens, task, first_i2t)
         for block in self.blocks[:-1]:
             x = block(x, rope=rope)
         causal = self.causal[: tokens.shape[1], : tokens.shape[1]]
@@ -752,15 +753,10 @@ class VisGPT(nn.Module):
         b, lay = tokens.shape[0], self.layout
         task = torch.full((b,), TASK_T2I, dtype=torch.long, device=tokens.device)
         task[n_t2i:] = TASK_I2T
-        groups, which = [], []
-        if n_t2i:
-            groups.append((slice(0, n_t2i), slice(lay.t2i_soi, lay.t2i_soi + lay.n_image)))
-            which.append(TASK_T2I)
-        if b > n_t2i:
-            groups.append((slice(n_t2i, b), slice(lay.i2t_eoi, lay.i2t_eoi + lay.text_slots)))
-            which.append(TASK_I2T)
-        out = dict(zip(which, self.hidden_at(tokens, task, groups, first_i2t=n_t2i)))
-        return out.get(TASK_T2I), out.get(TASK_I2T)
+        t2i = (slice(0, n_t2i), slice(lay.t2i_soi, lay.t2i_soi + lay.n_image)) if n_t2i else None
+        i2t = (slice(n_t2i, b), slice(lay.i2t_eoi, lay.i2t_eoi + lay.text_slots)) if b > n_t2i else None
+        out = iter(self.hidden_at(tokens, task, [g for g in (t2i, i2t) if g], first_i2t=n_t2i))
+        return (next(out) if t2i else None), (next(out) if i2t else None)
 
     def rope(self, positions: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``rope_2d``: the (cos, sin) (B, 1, s, Dh/2) of slots ``positions`` (s,) in layout ``task`` (B,)."""
@@ -799,7 +795,7 @@ class VisGPT(nn.Module):
         n_i2t = b - n_t2i
         h_t2i, h_i2t = self._scored_hidden(tokens, n_t2i)  # (n, N, d), (m, S, d)
         lay = self.layout
-        total = tokens.new_zeros((), dtype=(h_t2i if h_t2i is not None else h_i2t).dtype)
+        total = (h_t2i if h_t2i is not None else h_i2t).new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         if n_t2i:
             logits = self.image_logits(h_t2i).float()  # (n, N, K)
